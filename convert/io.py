@@ -1,0 +1,96 @@
+"""Output helpers for conversion: write a directory completely or not at all.
+
+A conversion writes several files (weights, config, norm stats). If it fails half way, a directory holding some of
+them would look like a finished checkpoint. So the files go into a temporary sibling directory first, and it is
+renamed into place only after everything is written. A rename within one parent directory is atomic on POSIX.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import ConversionError
+
+__all__ = ["atomic_output_dir"]
+
+
+@contextmanager
+def atomic_output_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary directory that becomes ``out_dir`` when the ``with`` block succeeds.
+
+    The temporary directory is created in ``out_dir``'s parent, so the final rename is atomic. If the block raises,
+    the temporary directory and any parent directories created for it are removed, and the exception propagates.
+
+    Args:
+        out_dir: the final directory. Missing parent directories are created.
+        overwrite: if false, an existing non-empty ``out_dir`` is an error, raised before anything is created. If
+            true, the old directory is replaced, but only once the new one is complete.
+    """
+    out_dir = Path(out_dir).expanduser().absolute()
+    _check_target(out_dir, overwrite=overwrite)
+    created_parents = _make_parents(out_dir.parent)
+    # mkdir (not tempfile.mkdtemp, which forces mode 0o700) so the result gets the usual umask permissions.
+    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        tmp_dir.mkdir()
+        yield tmp_dir
+        _replace_dir(tmp_dir, out_dir)
+    except BaseException:
+        # BaseException too, so Ctrl-C does not leave a half-written directory behind.
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        _remove_empty_dirs(created_parents)
+        raise
+
+
+def _check_target(out_dir: Path, *, overwrite: bool) -> None:
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise ConversionError(f"output path {out_dir} exists and is not a directory")
+    if out_dir.is_dir() and not overwrite and any(out_dir.iterdir()):
+        raise ConversionError(f"output directory {out_dir} exists and is not empty (use overwrite to replace it)")
+
+
+def _make_parents(parent: Path) -> list[Path]:
+    """Create ``parent`` and its missing ancestors, returning the ones created, deepest first."""
+    missing = []
+    for directory in (parent, *parent.parents):
+        if directory.exists():
+            break
+        missing.append(directory)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConversionError(f"cannot create output parent directory {parent}: {err}") from err
+    return missing
+
+
+def _replace_dir(new_dir: Path, out_dir: Path) -> None:
+    """Move ``new_dir`` to ``out_dir``, replacing an existing ``out_dir`` only after the move can no longer fail."""
+    if not out_dir.exists():
+        new_dir.rename(out_dir)
+        return
+    # Renaming onto a non-empty directory fails, so move the old one aside first and put it back if the swap fails.
+    old_dir = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:12]}"
+    out_dir.rename(old_dir)
+    try:
+        new_dir.rename(out_dir)
+    except BaseException:
+        old_dir.rename(out_dir)
+        raise
+    try:
+        shutil.rmtree(old_dir)
+    except OSError as err:
+        # The new directory is already in place, so this is not worth failing the conversion for.
+        warnings.warn(f"could not remove the replaced directory {old_dir}: {err}", stacklevel=2)
+
+
+def _remove_empty_dirs(directories: list[Path]) -> None:
+    for directory in directories:  # deepest first, so each one is empty once its child is gone
+        try:
+            directory.rmdir()
+        except OSError:
+            return

@@ -1,0 +1,132 @@
+"""Our checkpoint directory: `model.safetensors`, `config.json`, optional `norm_stats.json` and tokenizer file.
+
+Writes go to a temporary sibling directory that is renamed into place, so an interrupted save leaves nothing
+half-written. Loading validates keys and shapes against the config and reports problems in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from pi0_lightning.convert.errors import ConversionError
+from pi0_lightning.convert.io import atomic_output_dir
+from pi0_lightning.model.config import PI0Config
+from pi0_lightning.model.pi0 import PI0
+
+FORMAT = "pi0_lightning"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+NORM_STATS = "norm_stats.json"
+
+
+class CheckpointError(ConversionError):
+    """A checkpoint directory that cannot be loaded (missing files, wrong keys or shapes)."""
+
+
+def _list(names: list[str] | set[str], limit: int = 10) -> str:
+    names = sorted(names)
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def check_state_dict(expected: dict[str, torch.Size], got: dict[str, torch.Size], source: str) -> None:
+    """Raise one clear error naming up to 10 missing, unexpected or mis-shaped tensors."""
+    problems = []
+    missing = set(expected) - set(got)
+    unexpected = set(got) - set(expected)
+    if missing:
+        problems.append(f"missing {len(missing)} key(s): {_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} key(s): {_list(unexpected)}")
+    bad = [
+        f"{k} {tuple(got[k])} != {tuple(expected[k])}" for k in sorted(set(expected) & set(got)) if got[k] != expected[k]
+    ]
+    if bad:
+        problems.append(f"{len(bad)} shape mismatch(es): {_list(bad)}")
+    if problems:
+        raise CheckpointError(f"{source}: " + "; ".join(problems))
+
+
+def build_model(config: PI0Config, device: str | torch.device = "meta") -> PI0:
+    """Construct PI0 without spending time on random init when weights will be loaded (meta device)."""
+    with torch.device(device):
+        return PI0(config)
+
+
+def save_pretrained(
+    model: PI0,
+    path: str | Path,
+    norm_stats: dict[str, Any] | None = None,
+    tokenizer_path: str | Path | None = None,
+    metadata: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    path = Path(path)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    with atomic_output_dir(path, overwrite=overwrite) as tmp:
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        config = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config.to_dict()}
+        if metadata:
+            config["metadata"] = metadata
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        if norm_stats is not None:
+            (tmp / NORM_STATS).write_text(json.dumps(norm_stats, indent=2) + "\n")
+        if tokenizer_path is not None:
+            shutil.copy2(tokenizer_path, tmp / Path(tokenizer_path).name)
+    return path
+
+
+def read_config(path: str | Path) -> PI0Config:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    cfg_file = path / CONFIG
+    if not path.is_dir() or not cfg_file.is_file() or not (path / WEIGHTS).is_file():
+        raise CheckpointError(
+            f"{path} is not a pi0_lightning checkpoint (expected {CONFIG} and {WEIGHTS}; "
+            "convert openpi or LeRobot checkpoints with `pi0-convert`)"
+        )
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from None
+    if raw.get("format") != FORMAT:
+        raise CheckpointError(f"{cfg_file} is not a pi0_lightning config (format={raw.get('format')!r})")
+    try:
+        return PI0Config.from_dict(raw["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{cfg_file}: bad model config ({e})") from None
+
+
+def load_state_dict_file(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{file}: cannot read safetensors ({e})") from None
+
+
+def load_pretrained(path: str | Path, dtype: str | None = None, device: str | torch.device = "cpu") -> PI0:
+    path = Path(path)
+    config = read_config(path)
+    state = load_state_dict_file(path / WEIGHTS)
+    model = build_model(config)
+    check_state_dict(
+        {k: v.shape for k, v in model.state_dict().items()}, {k: v.shape for k, v in state.items()}, str(path)
+    )
+    model.load_state_dict(state, assign=True)
+    model.apply_dtype_policy(dtype or config.dtype)
+    return model.to(device).eval()
+
+
+def read_norm_stats(path: str | Path) -> dict[str, Any] | None:
+    file = Path(path) / NORM_STATS
+    return json.loads(file.read_text()) if file.is_file() else None

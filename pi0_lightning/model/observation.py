@@ -1,0 +1,60 @@
+"""The model-space observation: what PI0 consumes after the policy transforms (normalised, padded, tokenised)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class Observation:
+    """A batch of model inputs.
+
+    images: camera name -> (B, 3, 224, 224) float in [-1, 1], in `IMAGE_KEYS` order.
+    image_masks: camera name -> (B,) bool; a False camera's tokens are excluded from attention.
+    state: (B, action_dim) normalised and zero-padded proprioceptive state.
+    tokenized_prompt: (B, L) long, right-padded; tokenized_prompt_mask: (B, L) bool.
+    """
+
+    images: dict[str, torch.Tensor]
+    image_masks: dict[str, torch.Tensor]
+    state: torch.Tensor
+    tokenized_prompt: torch.Tensor
+    tokenized_prompt_mask: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.state.shape[0]
+
+    def to(self, device: torch.device | str) -> Observation:
+        return Observation(
+            images={k: v.to(device) for k, v in self.images.items()},
+            image_masks={k: v.to(device) for k, v in self.image_masks.items()},
+            state=self.state.to(device),
+            tokenized_prompt=self.tokenized_prompt.to(device),
+            tokenized_prompt_mask=self.tokenized_prompt_mask.to(device),
+        )
+
+    def index(self, idx: torch.Tensor | slice) -> Observation:
+        """Select batch elements (a slice, an index tensor or a boolean mask)."""
+        return Observation(
+            images={k: v[idx] for k, v in self.images.items()},
+            image_masks={k: v[idx] for k, v in self.image_masks.items()},
+            state=self.state[idx],
+            tokenized_prompt=self.tokenized_prompt[idx],
+            tokenized_prompt_mask=self.tokenized_prompt_mask[idx],
+        )
+
+    @staticmethod
+    def cat(observations: list[Observation]) -> Observation:
+        first = observations[0]
+        return Observation(
+            images={k: torch.cat([o.images[k] for o in observations]) for k in first.images},
+            image_masks={k: torch.cat([o.image_masks[k] for o in observations]) for k in first.image_masks},
+            **{
+                f.name: torch.cat([getattr(o, f.name) for o in observations])
+                for f in fields(Observation)
+                if f.name in ("state", "tokenized_prompt", "tokenized_prompt_mask")
+            },
+        )

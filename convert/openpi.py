@@ -151,7 +151,9 @@ def openpi_to_state_dict(params: dict[str, np.ndarray], config: PI0Config) -> di
 
     # --- projections (top level, same names as openpi)
     heads = ["action_in_proj", "action_out_proj"]
-    heads += ["time_mlp_in", "time_mlp_out"] if config.pi05 else ["state_proj", "action_time_mlp_in", "action_time_mlp_out"]
+    heads += (
+        ["time_mlp_in", "time_mlp_out"] if config.pi05 else ["state_proj", "action_time_mlp_in", "action_time_mlp_out"]
+    )
     for name in heads:
         out[f"{name}.weight"] = _t(take(f"{name}/kernel").T)
         out[f"{name}.bias"] = _t(take(f"{name}/bias"))

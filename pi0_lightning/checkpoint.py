@@ -47,7 +47,9 @@ def check_state_dict(expected: dict[str, torch.Size], got: dict[str, torch.Size]
     if unexpected:
         problems.append(f"unexpected {len(unexpected)} key(s): {_list(unexpected)}")
     bad = [
-        f"{k} {tuple(got[k])} != {tuple(expected[k])}" for k in sorted(set(expected) & set(got)) if got[k] != expected[k]
+        f"{k} {tuple(got[k])} != {tuple(expected[k])}"
+        for k in sorted(set(expected) & set(got))
+        if got[k] != expected[k]
     ]
     if bad:
         problems.append(f"{len(bad)} shape mismatch(es): {_list(bad)}")

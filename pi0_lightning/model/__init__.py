@@ -1,0 +1,7 @@
+"""PI0 / PI0.5 in plain PyTorch (no Lightning, no environment, no I/O beyond the checkpoint helpers)."""
+
+from pi0_lightning.model.config import IMAGE_KEYS, GemmaConfig, PI0Config, SiglipConfig
+from pi0_lightning.model.observation import Observation
+from pi0_lightning.model.pi0 import PI0
+
+__all__ = ["IMAGE_KEYS", "GemmaConfig", "Observation", "PI0", "PI0Config", "SiglipConfig"]

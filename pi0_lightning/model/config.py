@@ -99,7 +99,9 @@ class PI0Config:
         a, b = self.paligemma, self.action_expert
         for name in ("depth", "num_heads", "num_kv_heads", "head_dim"):
             if getattr(a, name) != getattr(b, name):
-                raise ValueError(f"paligemma and action_expert must share {name}: {getattr(a, name)} vs {getattr(b, name)}")
+                raise ValueError(
+                    f"paligemma and action_expert must share {name}: {getattr(a, name)} vs {getattr(b, name)}"
+                )
         if a.num_heads % a.num_kv_heads:
             raise ValueError(f"num_heads {a.num_heads} is not a multiple of num_kv_heads {a.num_kv_heads}")
         if self.dtype not in ("float32", "bfloat16"):

@@ -177,14 +177,16 @@ class JointGemma(nn.Module):
         self.configs = list(configs)
         self.embed_tokens = nn.Embedding(vocab_size, configs[0].width)
         self.layers = nn.ModuleList(JointLayer(configs, eps, adarms) for _ in range(configs[0].depth))
-        self.norms = nn.ModuleList(RMSNorm(c.width, eps, c.width if a else None) for c, a in zip(configs, adarms))
+        self.norms = nn.ModuleList(
+            RMSNorm(c.width, eps, c.width if a else None) for c, a in zip(configs, adarms, strict=True)
+        )
         # activation checkpointing of each JointLayer during training; set by the trainer, not by the model
         self.gradient_checkpointing = False
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         table = self.embed_tokens.weight
         # openpi casts sqrt(width) to the table dtype before the multiply
-        scale = torch.tensor(self.configs[0].width**0.5, dtype=table.dtype)
+        scale = torch.tensor(self.configs[0].width ** 0.5, dtype=table.dtype)
         return F.embedding(tokens, table) * scale.to(table.device)
 
     def forward(
@@ -206,9 +208,7 @@ class JointGemma(nn.Module):
         for i, layer in enumerate(self.layers):
             cache_i = kv_cache[i] if kv_cache is not None else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                hs, kv = torch.utils.checkpoint.checkpoint(
-                    layer, hs, rope, amask, conds, cache_i, use_reentrant=False
-                )
+                hs, kv = torch.utils.checkpoint.checkpoint(layer, hs, rope, amask, conds, cache_i, use_reentrant=False)
             else:
                 hs, kv = layer(hs, rope, amask, conds, cache_i)
             if return_kv:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pi0_lightning.model.config import IMAGE_KEYS, PI0Config
-from pi0_lightning.model.gemma import KVCache, JointGemma, RMSNorm
+from pi0_lightning.model.gemma import JointGemma, KVCache, RMSNorm
 from pi0_lightning.model.observation import Observation
 from pi0_lightning.model.siglip import LayerNorm32, SiglipVision
 
@@ -78,7 +78,9 @@ def sample_time(
         u = torch.rand(batch_size, generator=generator, device=device, dtype=torch.float64)
         b = u ** (1.0 / alpha)
     else:
-        dist = torch.distributions.Beta(torch.tensor(alpha, dtype=torch.float64), torch.tensor(beta, dtype=torch.float64))
+        dist = torch.distributions.Beta(
+            torch.tensor(alpha, dtype=torch.float64), torch.tensor(beta, dtype=torch.float64)
+        )
         b = dist.sample((batch_size,)).to(device)
     return (b * 0.999 + 0.001).to(torch.float32)
 
@@ -131,7 +133,7 @@ class PI0(nn.Module):
             id(p)
             for name, m in self.named_modules()
             if isinstance(m, RMSNorm | LayerNorm32) or name in FLOAT32_MODULES
-            for p in m.parameters(recurse=False)
+            for p in m.parameters()
         }
         keep32.add(id(self.vision.pos_embed))
         for p in self.parameters():
@@ -263,9 +265,7 @@ class PI0(nn.Module):
     # ------------------------------------------------------------------ checkpoints
 
     @classmethod
-    def from_pretrained(
-        cls, path: str | Path, dtype: str | None = None, device: str | torch.device = "cpu"
-    ) -> PI0:
+    def from_pretrained(cls, path: str | Path, dtype: str | None = None, device: str | torch.device = "cpu") -> PI0:
         """Load a pi0_lightning checkpoint directory (`model.safetensors` + `config.json`)."""
         from pi0_lightning.checkpoint import load_pretrained
 

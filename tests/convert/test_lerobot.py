@@ -1,0 +1,125 @@
+"""openpi-PyTorch / LeRobot layouts: export, import (new, old, prefix-less, lm_head-only) and round trips."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pi0_lightning.convert.cli import main
+
+NEW_PREFIX = "model.paligemma_with_expert."
+
+
+@pytest.fixture(scope="module", params=["pi0_tiny", "pi05_tiny"])
+def exported(request, converted, tmp_path_factory):
+    name = request.param
+    out = tmp_path_factory.mktemp("lerobot") / name
+    assert main(["export-lerobot", str(converted(name)), str(out)]) == 0
+    return name, converted(name), out
+
+
+def _same_weights(a_dir, b_dir) -> None:
+    a = load_file(str(a_dir / "model.safetensors"))
+    b = load_file(str(b_dir / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_export_uses_lerobot_key_names(exported):
+    name, ours, out = exported
+    keys = set(load_file(str(out / "model.safetensors")))
+    assert NEW_PREFIX + "paligemma.model.language_model.layers.0.self_attn.q_proj.weight" in keys
+    assert NEW_PREFIX + "paligemma.model.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight" in keys
+    assert NEW_PREFIX + "paligemma.model.vision_tower.vision_model.embeddings.position_embedding.weight" in keys
+    assert NEW_PREFIX + "paligemma.model.multi_modal_projector.linear.weight" in keys
+    assert NEW_PREFIX + "gemma_expert.model.layers.3.mlp.down_proj.weight" in keys
+    # like the hub files: the tied embedding is stored once, as lm_head
+    assert NEW_PREFIX + "paligemma.lm_head.weight" in keys
+    assert NEW_PREFIX + "paligemma.model.language_model.embed_tokens.weight" not in keys
+    if name == "pi05_tiny":
+        assert NEW_PREFIX + "gemma_expert.model.layers.0.input_layernorm.dense.weight" in keys
+        assert "model.time_mlp_in.weight" in keys
+    else:
+        assert NEW_PREFIX + "gemma_expert.model.layers.0.input_layernorm.weight" in keys
+        assert "model.state_proj.weight" in keys
+    assert len(keys) == len(load_file(str(ours / "model.safetensors")))
+    assert json.loads((out / "config.json").read_text())["type"] == ("pi05" if name == "pi05_tiny" else "pi0")
+
+
+def test_round_trip_is_exact(exported, tmp_path):
+    _, ours, out = exported
+    assert main(["lerobot", str(out), str(tmp_path / "back")]) == 0
+    _same_weights(ours, tmp_path / "back")
+
+
+def _rewrite(src_dir, dst_dir, rename, config: dict, extra: dict | None = None) -> None:
+    dst_dir.mkdir()
+    state = {rename(k): v for k, v in load_file(str(src_dir / "model.safetensors")).items()}
+    state.update(extra or {})
+    save_file(state, str(dst_dir / "model.safetensors"))
+    (dst_dir / "config.json").write_text(json.dumps(config))
+
+
+def _openpi_pytorch_config(name: str) -> dict:
+    # what openpi's converter writes: variant names, no head counts
+    return {"action_dim": 32, "action_horizon": 50, "paligemma_variant": "dummy", "action_expert_variant": "dummy"}
+
+
+def test_openpi_pytorch_layout_without_model_prefix(exported, tmp_path):
+    name, ours, out = exported
+    src = tmp_path / "openpi_pt"
+    _rewrite(out, src, lambda k: k.removeprefix("model."), _openpi_pytorch_config(name))
+    # SigLIP heads are not in the shapes; the tiny fixtures use 2 (real checkpoints: 16, the default for width 1152)
+    argv = ["lerobot", str(src), str(tmp_path / "back"), "--vision-heads", "2"]
+    argv += ["--max-token-len", "48" if name == "pi0_tiny" else "200"]
+    assert main(argv) == 0
+    _same_weights(ours, tmp_path / "back")
+
+
+def test_old_lerobot_layout(exported, tmp_path):
+    name, ours, out = exported
+    old = {
+        "paligemma.model.language_model.": "paligemma.language_model.model.",
+        "paligemma.lm_head.": "paligemma.language_model.lm_head.",
+        "paligemma.model.vision_tower.": "paligemma.vision_tower.",
+        "paligemma.model.multi_modal_projector.": "paligemma.multi_modal_projector.",
+    }
+
+    def rename(k: str) -> str:
+        for new, o in old.items():
+            k = k.replace(new, o)
+        return k
+
+    buffers = {"normalize_inputs.buffer_observation_state.mean": torch.zeros(8)}  # old files carry these
+    src = tmp_path / "old"
+    _rewrite(out, src, rename, _openpi_pytorch_config(name), buffers)
+    argv = ["lerobot", str(src), str(tmp_path / "back"), "--vision-heads", "2"]
+    argv += ["--max-token-len", "48" if name == "pi0_tiny" else "200"]
+    assert main(argv) == 0
+    _same_weights(ours, tmp_path / "back")
+
+
+@pytest.mark.parametrize("problem", ["missing", "unknown", "shape"])
+def test_bad_lerobot_weights_fail_cleanly(exported, tmp_path, capsys, problem):
+    _, _, out = exported
+    state = load_file(str(out / "model.safetensors"))
+    key = NEW_PREFIX + "gemma_expert.model.layers.1.self_attn.o_proj.weight"
+    if problem == "missing":
+        del state[key]
+    elif problem == "unknown":
+        state["model.surprise.weight"] = torch.zeros(3)
+    else:
+        state[key] = torch.zeros(5, 5)
+    src = tmp_path / "bad"
+    src.mkdir()
+    save_file(state, str(src / "model.safetensors"))
+    (src / "config.json").write_text((out / "config.json").read_text())
+    assert main(["lerobot", str(src), str(tmp_path / "never")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert {"missing": "o_proj", "unknown": "surprise", "shape": "o_proj"}[problem] in err
+    assert not (tmp_path / "never").exists()

@@ -307,3 +307,41 @@ class PromptTokenizer:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(path={self.path}, max_len={self.max_len}, vocab_size={self.vocab_size})"
+
+
+def train_small_tokenizer(texts: Sequence[str], path: str | Path, vocab_size: int = 400) -> Path:
+    """Train a small SentencePiece model laid out like PaliGemma's (pad 0, eos 1, bos 2, unk 3, "\\n" a piece,
+    byte fallback, no normalisation) on `texts`, and write it to `path`.
+
+    For tests and demos with tiny models (whose embedding has far fewer than 257152 rows) when no PaliGemma
+    tokenizer is at hand; real checkpoints always use the real PaliGemma tokenizer.
+    """
+    import io
+
+    buffer = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(texts) * 20),
+        model_writer=buffer,
+        model_type="unigram",
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,  # a small corpus may not fill vocab_size pieces; take what it supports
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        pad_piece="<pad>",
+        eos_piece="<eos>",
+        bos_piece="<bos>",
+        unk_piece="<unk>",
+        byte_fallback=True,
+        user_defined_symbols=["\n"],
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        add_dummy_prefix=False,
+        split_digits=True,
+        minloglevel=2,
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buffer.getvalue())
+    return path

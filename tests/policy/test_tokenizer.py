@@ -8,7 +8,6 @@ which lets the Hugging Face fallback be checked id-for-id against SentencePiece.
 
 from __future__ import annotations
 
-import io
 import logging
 import pickle
 import sys
@@ -27,6 +26,7 @@ from pi0_lightning.policy.tokenizer import (
     default_max_len,
     discretize_state,
     find_tokenizer_file,
+    train_small_tokenizer,
 )
 
 LIBERO_PROMPTS = [
@@ -48,31 +48,8 @@ LOGGER_NAME = "pi0_lightning.policy.tokenizer"
 @pytest.fixture(scope="session")
 def sp_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Directory holding ``paligemma_tokenizer.model``, a toy model laid out like PaliGemma's."""
-    buffer = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(TRAINING_TEXT * 20),
-        model_writer=buffer,
-        model_type="unigram",
-        vocab_size=400,
-        hard_vocab_limit=False,  # the corpus is too small to fill 400 pieces; take what it supports
-        pad_id=0,
-        eos_id=1,
-        bos_id=2,
-        unk_id=3,
-        pad_piece="<pad>",
-        eos_piece="<eos>",
-        bos_piece="<bos>",
-        unk_piece="<unk>",
-        byte_fallback=True,
-        user_defined_symbols=["\n"],
-        remove_extra_whitespaces=False,
-        normalization_rule_name="identity",
-        add_dummy_prefix=False,
-        split_digits=True,
-        minloglevel=2,
-    )
     directory = tmp_path_factory.mktemp("sp_tokenizer")
-    (directory / "paligemma_tokenizer.model").write_bytes(buffer.getvalue())
+    train_small_tokenizer(TRAINING_TEXT, directory / "paligemma_tokenizer.model")
     return directory
 
 

@@ -1,0 +1,1 @@
+"""Simulation environments and the subprocess worker pool; imports no model code."""

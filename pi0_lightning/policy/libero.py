@@ -1,0 +1,121 @@
+"""PI0 as a LIBERO chunk policy: env observations -> openpi's transforms -> batched `sample_actions` -> env actions.
+
+Runs in the main process only (environment workers never see the model). `prepare` turns raw env observations into
+compact per-observation inputs (224x224 uint8 camera images after openpi's 180-degree rotation and resize, the raw
+8-dim state, the tokenised prompt); these are what each executed chunk stores for training, so the RL loss sees
+exactly what the policy saw. `act` batches them into a model `Observation`, samples with seeded noise, and returns
+both the normalised model-space actions (the RL targets) and the env actions (unnormalised, delta -> absolute).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pi0_lightning.model.observation import Observation
+from pi0_lightning.model.pi0 import PI0
+from pi0_lightning.policy.tokenizer import PromptTokenizer, find_tokenizer_file
+from pi0_lightning.policy.transforms import LiberoTransforms, Normalizer, libero_state
+
+
+@dataclass
+class PolicyInput:
+    """One observation as the policy consumed it."""
+
+    agentview: np.ndarray  # (224, 224, 3) uint8, rotated and resized
+    wrist: np.ndarray  # (224, 224, 3) uint8
+    raw_state: np.ndarray  # (8,) float32: eef pos, axis-angle, gripper qpos
+    tokens: np.ndarray  # (L,) int64
+    token_mask: np.ndarray  # (L,) bool
+
+
+class LiberoPolicy:
+    def __init__(
+        self,
+        model: PI0,
+        tokenizer: PromptTokenizer,
+        transforms: LiberoTransforms,
+        num_steps: int = 10,
+        device: str | torch.device = "cpu",
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.transforms = transforms
+        self.num_steps = num_steps
+        self.device = torch.device(device)
+        self.action_horizon = model.config.action_horizon
+        self._prompt_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: str | None = None,
+        tokenizer: str | Path | None = None,
+        delta_actions: bool | None = None,
+        norm_mode: str | None = None,
+        num_steps: int = 10,
+    ) -> LiberoPolicy:
+        """Defaults follow openpi's LIBERO configs: PI0 z-score + delta actions (`pi0_libero`), PI0.5 quantile +
+        absolute actions (`pi05_libero`)."""
+        path = Path(path)
+        model = PI0.from_pretrained(path, dtype=dtype, device=device)
+        pi05 = model.config.pi05
+        tok_file = Path(tokenizer) if tokenizer else find_tokenizer_file(path)
+        if tok_file is None:
+            raise FileNotFoundError(
+                f"{path} bundles no PaliGemma tokenizer; pass one (paligemma_tokenizer.model or tokenizer.model)"
+            )
+        if not (path / "norm_stats.json").is_file():
+            raise FileNotFoundError(f"{path} has no norm_stats.json (convert the checkpoint with its assets)")
+        mode = norm_mode or ("quantile" if pi05 else "zscore")
+        transforms = LiberoTransforms(
+            normalizer=Normalizer.from_json(path / "norm_stats.json", mode=mode),
+            model_action_dim=model.config.action_dim,
+            delta_actions=(not pi05) if delta_actions is None else delta_actions,
+        )
+        tok = PromptTokenizer.from_file(tok_file, max_len=model.config.max_token_len)
+        return cls(model, tok, transforms, num_steps=num_steps, device=device)
+
+    def _tokenize(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
+        if prompt not in self._prompt_cache:
+            self._prompt_cache[prompt] = self.tokenizer.encode(prompt)
+        return self._prompt_cache[prompt]
+
+    def prepare(self, observations: list[dict[str, np.ndarray]], prompts: list[str]) -> list[PolicyInput]:
+        out = []
+        for obs, prompt in zip(observations, prompts, strict=True):
+            agent, wrist = self.transforms.camera_images(obs["agentview"], obs["wrist"])
+            state = libero_state(obs["eef_pos"], obs["eef_quat"], obs["gripper_qpos"])
+            tokens, mask = self._tokenize(prompt)
+            out.append(PolicyInput(agent, wrist, state, tokens, mask))
+        return out
+
+    def to_observation(self, inputs: list[PolicyInput]) -> Observation:
+        raw = np.stack([x.raw_state for x in inputs])
+        model_in = self.transforms.inputs([(x.agentview, x.wrist) for x in inputs], raw)
+        return Observation(
+            images=model_in["images"],
+            image_masks=model_in["image_masks"],
+            state=model_in["state"],
+            tokenized_prompt=torch.from_numpy(np.stack([x.tokens for x in inputs])).long(),
+            tokenized_prompt_mask=torch.from_numpy(np.stack([x.token_mask for x in inputs])),
+        ).to(self.device)
+
+    def sample(self, obs: Observation, noise: torch.Tensor) -> torch.Tensor:
+        """Model-space action chunks; the RL module overrides this to add guidance."""
+        return self.model.sample_actions(obs, noise=noise, num_steps=self.num_steps)
+
+    @torch.no_grad()
+    def act(self, inputs: list[PolicyInput], seed: int) -> tuple[np.ndarray, np.ndarray]:
+        cfg = self.model.config
+        g = torch.Generator().manual_seed(seed)
+        # noise drawn on the CPU so that a seed gives the same chunk on any device
+        noise = torch.randn(len(inputs), cfg.action_horizon, cfg.action_dim, generator=g).to(self.device)
+        model_actions = self.sample(self.to_observation(inputs), noise).float().cpu().numpy()
+        env_actions = self.transforms.outputs(model_actions, np.stack([x.raw_state for x in inputs]))
+        return model_actions, env_actions

@@ -1,0 +1,96 @@
+"""Records of a rollout: what was asked for, what each executed chunk saw and did, and how each episode ended."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class EpisodeRequest:
+    """One episode to run: a context (task, initial state) plus bookkeeping for RL groups and videos."""
+
+    task_id: int
+    init_state: int
+    prompt: str
+    seed: int | None = None
+    group: int = -1
+    """RL group id (the K rollouts of one context share it); -1 outside RL."""
+    record_video: bool = False
+
+
+@dataclass
+class Chunk:
+    """One executed action chunk, paired with its own start observation (as policy input)."""
+
+    inputs: Any
+    """Compact policy inputs for this one observation (see `ChunkPolicy.prepare`)."""
+    actions: np.ndarray
+    """(H, action_dim) normalised model-space actions; rows past `num_executed` are zero padding."""
+    num_executed: int
+    """How many of the chunk's actions were executed before replanning or the episode's end."""
+    step: int
+    """Policy step (after the wait steps) at which the chunk started."""
+
+    @property
+    def action_mask(self) -> np.ndarray:
+        return np.arange(len(self.actions)) < self.num_executed
+
+
+@dataclass
+class EpisodeResult:
+    request: EpisodeRequest
+    success: bool = False
+    length: int = 0
+    valid: bool = True
+    """False when the worker crashed or hung and retries were exhausted (never trained on)."""
+    failure: str | None = None
+    chunks: list[Chunk] = field(default_factory=list)
+    frames: list[np.ndarray] = field(default_factory=list)
+
+
+@dataclass
+class RolloutStats:
+    episodes: int = 0
+    successes: int = 0
+    env_steps: int = 0
+    env_seconds: float = 0.0
+    policy_seconds: float = 0.0
+    policy_calls: int = 0
+    wall_seconds: float = 0.0
+    failed_attempts: int = 0
+
+    @property
+    def env_steps_per_s(self) -> float:
+        return self.env_steps / self.wall_seconds if self.wall_seconds else 0.0
+
+    @property
+    def success_rate(self) -> float:
+        return self.successes / self.episodes if self.episodes else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "episodes": self.episodes,
+            "success_rate": self.success_rate,
+            "env_steps": self.env_steps,
+            "env_steps_per_s": self.env_steps_per_s,
+            "env_seconds": self.env_seconds,
+            "policy_seconds": self.policy_seconds,
+            "policy_ms_per_call": 1000 * self.policy_seconds / max(self.policy_calls, 1),
+            "wall_seconds": self.wall_seconds,
+            "failed_attempts": self.failed_attempts,
+        }
+
+
+class ChunkPolicy(Protocol):
+    """What the collector needs from a policy: batched, in the main process only."""
+
+    action_horizon: int
+
+    def prepare(self, observations: list[dict[str, np.ndarray]], prompts: list[str]) -> list[Any]:
+        """Compact per-observation policy inputs (stored with each chunk for training)."""
+
+    def act(self, inputs: list[Any], seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """One batched call: (model-space actions (B, H, D), env actions (B, H, 7)); `seed` fixes the noise."""

@@ -78,10 +78,11 @@ def summarize(
     valid = [r for r in results if r.valid]
     if valid:
         metric.update(torch.tensor([r.request.task_id for r in valid]), torch.tensor([float(r.success) for r in valid]))
-    out = metric.compute()
+    # torchmetrics squeezes one-element results to scalars; keep per-task vectors 1-D
+    out = {k: v.reshape(-1) for k, v in metric.compute().items()}
     res = EvalResult(
         suite,
-        success_rate=float(out["overall"]),
+        success_rate=float(out["overall"][0]),
         episodes=int(out["episodes"].sum()),
         invalid_episodes=len(results) - len(valid),
         stats=stats.as_dict(),

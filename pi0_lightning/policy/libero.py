@@ -41,6 +41,10 @@ class LiberoPolicy:
         num_steps: int = 10,
         device: str | torch.device = "cpu",
     ):
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise ValueError(
+                f"tokenizer has {tokenizer.vocab_size} ids but the model embeds only {model.config.vocab_size}"
+            )
         self.model = model
         self.tokenizer = tokenizer
         self.transforms = transforms

@@ -1,0 +1,74 @@
+"""LiberoPolicy: raw LIBERO observations -> PI0 -> env actions, with a tiny random model and a small tokenizer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pi0_lightning.model.config import PI0Config
+from pi0_lightning.model.pi0 import PI0
+from pi0_lightning.policy.libero import LiberoPolicy
+from pi0_lightning.policy.tokenizer import PromptTokenizer, train_small_tokenizer
+from pi0_lightning.policy.transforms import LiberoTransforms, Normalizer
+
+STATS = {
+    "norm_stats": {
+        "state": {"mean": [0.1] * 8, "std": [0.5] * 8, "q01": [-1.0] * 8, "q99": [1.0] * 8},
+        "actions": {"mean": [0.0] * 7, "std": [0.2] * 7, "q01": [-1.0] * 7, "q99": [1.0] * 7},
+    }
+}
+PROMPTS = ["pick up the black bowl and place it on the plate", "open the top drawer of the cabinet"]
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    torch.manual_seed(0)
+    model = PI0(PI0Config.variant("pi0_tiny", action_horizon=10)).eval()
+    tok = PromptTokenizer.from_file(train_small_tokenizer(PROMPTS, tmp_path_factory.mktemp("tok") / "t.model"))
+    return LiberoPolicy(model, tok, LiberoTransforms(Normalizer.from_json(STATS), delta_actions=True))
+
+
+def raw_obs(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "agentview": rng.integers(0, 256, (256, 256, 3), dtype=np.uint8),
+        "wrist": rng.integers(0, 256, (256, 256, 3), dtype=np.uint8),
+        "eef_pos": rng.normal(size=3),
+        "eef_quat": np.array([0.0, 0.0, 0.0, 1.0]),
+        "gripper_qpos": np.array([0.02, -0.02]),
+    }
+
+
+def test_prepare_applies_openpi_preprocessing(policy):
+    obs = raw_obs(0)
+    (x,) = policy.prepare([obs], PROMPTS[:1])
+    assert x.agentview.shape == (224, 224, 3) and x.agentview.dtype == np.uint8
+    assert np.allclose(x.raw_state[:3], obs["eef_pos"]) and np.allclose(x.raw_state[3:6], 0)
+    assert x.tokens.shape == (48,) and x.token_mask[0] and x.tokens[0] == 2  # BOS first
+
+
+def test_act_returns_model_and_env_actions(policy):
+    inputs = policy.prepare([raw_obs(0), raw_obs(1)], PROMPTS)
+    model_actions, env_actions = policy.act(inputs, seed=3)
+    assert model_actions.shape == (2, 10, 32) and env_actions.shape == (2, 10, 7)
+    # env = unnormalise (std 0.2, mean 0) + delta: the chunk-start state is added to dims 0..5
+    expected = model_actions[..., :7] * (0.2 + 1e-6)
+    expected[..., :6] += np.stack([x.raw_state[:6] for x in inputs])[:, None]
+    np.testing.assert_allclose(env_actions, expected, rtol=1e-5, atol=1e-6)
+    again, _ = policy.act(inputs, seed=3)
+    other, _ = policy.act(inputs, seed=4)
+    assert np.array_equal(model_actions, again) and not np.array_equal(model_actions, other)
+
+
+def test_observation_masks_absent_right_wrist(policy):
+    obs = policy.to_observation(policy.prepare([raw_obs(0)], PROMPTS[:1]))
+    assert obs.image_masks["right_wrist_0_rgb"].tolist() == [False]
+    assert obs.images["right_wrist_0_rgb"].eq(-1).all()
+    assert obs.state.shape == (1, 32) and obs.state[0, 8:].eq(0).all()
+
+
+def test_checkpoint_without_tokenizer_is_a_clear_error(tmp_path):
+    PI0(PI0Config.variant("pi0_tiny")).save_pretrained(tmp_path / "ck", norm_stats=STATS)
+    with pytest.raises(FileNotFoundError, match="bundles no PaliGemma tokenizer"):
+        LiberoPolicy.from_checkpoint(tmp_path / "ck")

@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test lint format demo bench-cpu clean
+.PHONY: install test lint format demo bench-cpu bench-env clean
 
 install: $(STAMP)
 
@@ -41,6 +41,10 @@ demo: $(STAMP)
 # CPU timing of sample_actions / a training forward (prints a table; see BENCHMARKS.md)
 bench-cpu: $(STAMP)
 	$(PY) -m pi0_lightning.benchmarks.cpu
+
+# LIBERO env steps/s through EnvPool, render every step vs only at chunk starts (see BENCHMARKS.md; ~10 min)
+bench-env: $(STAMP)
+	$(PY) -m pi0_lightning.benchmarks.env
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info .pytest_cache .ruff_cache

@@ -40,8 +40,11 @@ FLOAT32_MODULES = (
     "action_time_mlp_out",
     "time_mlp_in",
     "time_mlp_out",
+    "cfg_embed",
     "vision.patch_embed",
 )
+# Advantage conditions of the CFG-style RL loss (see rl/losses.py); index 0 is the "null" (unconditional) branch.
+COND_NULL, COND_POSITIVE, COND_NEGATIVE = 0, 1, 2
 
 
 def make_attn_mask(input_mask: torch.Tensor, ar_mask: torch.Tensor) -> torch.Tensor:
@@ -117,7 +120,29 @@ class PI0(nn.Module):
             self.state_proj = nn.Linear(config.action_dim, w)
             self.action_time_mlp_in = nn.Linear(2 * w, w)
             self.action_time_mlp_out = nn.Linear(w, w)
+        self.cfg_embed = self._make_cfg_embed(config.num_cfg_conditions)
         self.apply_dtype_policy(config.dtype)
+
+    def _make_cfg_embed(self, n: int) -> nn.Embedding | None:
+        if n == 0:
+            return None
+        if n not in (2, 3):
+            raise ValueError(f"num_cfg_conditions must be 0, 2 (null, positive) or 3 (+ negative), got {n}")
+        emb = nn.Embedding(n, self.config.action_expert.width)
+        # zero-initialised: a converted checkpoint computes exactly what it did before RL, in every branch
+        nn.init.zeros_(emb.weight)
+        return emb
+
+    def add_cfg_conditions(self, n: int = 2) -> PI0:
+        """Add the learned advantage-condition embedding (zero-initialised) to a model that has none."""
+        if self.cfg_embed is not None:
+            if self.cfg_embed.num_embeddings != n:
+                raise ValueError(f"model already has {self.cfg_embed.num_embeddings} CFG conditions, asked for {n}")
+            return self
+        device = self.action_in_proj.weight.device
+        self.config.num_cfg_conditions = n
+        self.cfg_embed = self._make_cfg_embed(n).to(device)
+        return self
 
     # ------------------------------------------------------------------ dtype
 
@@ -161,9 +186,12 @@ class PI0(nn.Module):
         return tokens, input_mask, ar_mask
 
     def embed_suffix(
-        self, state: torch.Tensor, x_t: torch.Tensor, time: torch.Tensor
+        self, state: torch.Tensor, x_t: torch.Tensor, time: torch.Tensor, cond: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Action-expert tokens (B, S_suf, W_ae), mask, ar mask, and the adaRMS condition (PI0.5) or None."""
+        """Action-expert tokens (B, S_suf, W_ae), mask, ar mask, and the adaRMS condition (PI0.5) or None.
+
+        `cond` (B,) long selects the learned advantage condition added to every action token (None: none added).
+        """
         cfg = self.config
         b, h = x_t.shape[:2]
         time_emb = posemb_sincos(time, cfg.action_expert.width)
@@ -171,29 +199,35 @@ class PI0(nn.Module):
         tokens: list[torch.Tensor] = []
         ar: list[bool] = []
         if cfg.pi05:
-            cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(time_emb))))
-            tokens.append(action_tokens)
+            adarms = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(time_emb))))
         else:
-            cond = None
+            adarms = None
             tokens.append(self.state_proj(state.float())[:, None])
             ar.append(True)
             mixed = torch.cat([action_tokens, time_emb[:, None].expand(b, h, -1)], dim=-1)
-            tokens.append(self.action_time_mlp_out(F.silu(self.action_time_mlp_in(mixed))))
+            action_tokens = self.action_time_mlp_out(F.silu(self.action_time_mlp_in(mixed)))
+        if cond is not None:
+            if self.cfg_embed is None:
+                raise ValueError("this model has no CFG condition embedding (see add_cfg_conditions)")
+            action_tokens = action_tokens + self.cfg_embed(cond)[:, None]
+        tokens.append(action_tokens)
         ar += [True] + [False] * (h - 1)
         out = torch.cat(tokens, dim=1)
         mask = torch.ones(out.shape[:2], dtype=torch.bool, device=out.device)
-        return out, mask, torch.tensor(ar, device=out.device), cond
+        return out, mask, torch.tensor(ar, device=out.device), adarms
 
     # ------------------------------------------------------------------ training
 
-    def predict_velocity(self, obs: Observation, x_t: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+    def predict_velocity(
+        self, obs: Observation, x_t: torch.Tensor, time: torch.Tensor, cond: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """v_t (B, H, action_dim) float32 from one joint forward over [prefix, suffix], as openpi's compute_loss."""
         prefix, p_mask, p_ar = self.embed_prefix(obs)
-        suffix, s_mask, s_ar, cond = self.embed_suffix(obs.state, x_t, time)
+        suffix, s_mask, s_ar, adarms = self.embed_suffix(obs.state, x_t, time, cond)
         input_mask = torch.cat([p_mask, s_mask], dim=1)
         attn = make_attn_mask(input_mask, torch.cat([p_ar, s_ar]))
         positions = torch.cumsum(input_mask.long(), dim=1) - 1
-        (_, out), _ = self.llm([prefix, suffix], positions, attn, conds=[None, cond])
+        (_, out), _ = self.llm([prefix, suffix], positions, attn, conds=[None, adarms])
         return self.action_out_proj(out[:, -x_t.shape[1] :].float())
 
     def forward(
@@ -202,6 +236,7 @@ class PI0(nn.Module):
         actions: torch.Tensor,
         noise: torch.Tensor | None = None,
         time: torch.Tensor | None = None,
+        cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Per-element flow-matching loss (B, H, action_dim), unreduced (padding dims included, as openpi)."""
         actions = actions.float()
@@ -212,7 +247,7 @@ class PI0(nn.Module):
             time = sample_time(actions.shape[0], cfg.time_beta_alpha, cfg.time_beta_beta, device=actions.device)
         t = time[:, None, None]
         x_t = t * noise + (1 - t) * actions
-        v_t = self.predict_velocity(obs, x_t, time)
+        v_t = self.predict_velocity(obs, x_t, time, cond)
         return (v_t - (noise - actions)) ** 2
 
     # ------------------------------------------------------------------ sampling
@@ -225,14 +260,19 @@ class PI0(nn.Module):
         return PrefixCache(kv=kv, mask=mask)
 
     def denoise_step(
-        self, prefix: PrefixCache, state: torch.Tensor, x_t: torch.Tensor, time: torch.Tensor
+        self,
+        prefix: PrefixCache,
+        state: torch.Tensor,
+        x_t: torch.Tensor,
+        time: torch.Tensor,
+        cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Velocity (B, H, action_dim) of the suffix attending to a cached prefix."""
-        suffix, s_mask, s_ar, cond = self.embed_suffix(state, x_t, time)
+        suffix, s_mask, s_ar, adarms = self.embed_suffix(state, x_t, time, cond)
         s = suffix.shape[1]
         mask = torch.cat([prefix.mask[:, None, :].expand(-1, s, -1), make_attn_mask(s_mask, s_ar)], dim=2)
         positions = prefix.mask.sum(-1, keepdim=True) + torch.cumsum(s_mask.long(), dim=1) - 1
-        (_, out), _ = self.llm([None, suffix], positions, mask, conds=[None, cond], kv_cache=prefix.kv)
+        (_, out), _ = self.llm([None, suffix], positions, mask, conds=[None, adarms], kv_cache=prefix.kv)
         return self.action_out_proj(out[:, -x_t.shape[1] :].float())
 
     @torch.no_grad()
@@ -242,8 +282,14 @@ class PI0(nn.Module):
         noise: torch.Tensor | None = None,
         num_steps: int = 10,
         generator: torch.Generator | None = None,
+        guidance: float | None = None,
     ) -> torch.Tensor:
-        """Euler-integrate the flow from noise (t=1) to actions (t~0): (B, H, action_dim) float32."""
+        """Euler-integrate the flow from noise (t=1) to actions (t~0): (B, H, action_dim) float32.
+
+        guidance: None samples the plain model (no condition added). With the CFG embedding, w gives
+        v = v_null + w * (v_pos - v_null) at every Euler step (w = 1: the positive-conditioned policy, one pass;
+        w = 0: the null branch); both branches share one prefix pass.
+        """
         cfg = self.config
         b = obs.batch_size
         device = obs.state.device
@@ -252,15 +298,38 @@ class PI0(nn.Module):
                 b, cfg.action_horizon, cfg.action_dim, generator=generator, device=device, dtype=torch.float32
             )
         prefix = self.encode_prefix(obs)
+        velocity = self._guided_velocity(prefix, obs.state, guidance)
         x = noise.float()
         # openpi loops `while t >= -dt/2` with t accumulated in float32; reproduce it exactly
         dt = np.float32(-1.0 / num_steps)
         t = np.float32(1.0)
         while t >= -dt / 2:
-            v = self.denoise_step(prefix, obs.state, x, torch.full((b,), float(t), device=device))
+            v = velocity(x, torch.full((b,), float(t), device=device))
             x = x + float(dt) * v
             t = np.float32(t + dt)
         return x
+
+    def _guided_velocity(self, prefix: PrefixCache, state: torch.Tensor, guidance: float | None):
+        """A function (x_t, t) -> v for the requested guidance; shares the prefix between CFG branches."""
+        if guidance is None:
+            return lambda x, t: self.denoise_step(prefix, state, x, t)
+        if self.cfg_embed is None:
+            raise ValueError("guidance needs a model trained with CFG conditions (num_cfg_conditions > 0)")
+        b = state.shape[0]
+        device = state.device
+        if guidance in (0.0, 1.0):  # a single branch: no need to run the other one
+            cond = torch.full((b,), COND_POSITIVE if guidance == 1.0 else COND_NULL, device=device)
+            return lambda x, t: self.denoise_step(prefix, state, x, t, cond)
+        both = prefix.expand(2)  # rows [i, i] = (null, positive) of element i
+        conds = torch.tensor([COND_NULL, COND_POSITIVE], device=device).repeat(b)
+        state2 = state.repeat_interleave(2, 0)
+
+        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            v = self.denoise_step(both, state2, x.repeat_interleave(2, 0), t.repeat_interleave(2, 0), conds)
+            v_null, v_pos = v.view(b, 2, *v.shape[1:]).unbind(1)
+            return v_null + guidance * (v_pos - v_null)
+
+        return velocity
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -99,7 +99,7 @@ class LiberoPolicy:
             out.append(PolicyInput(agent, wrist, state, tokens, mask))
         return out
 
-    def to_observation(self, inputs: list[PolicyInput]) -> Observation:
+    def to_observation(self, inputs: list[PolicyInput], device: str | torch.device | None = None) -> Observation:
         raw = np.stack([x.raw_state for x in inputs])
         model_in = self.transforms.inputs([(x.agentview, x.wrist) for x in inputs], raw)
         return Observation(
@@ -108,7 +108,7 @@ class LiberoPolicy:
             state=model_in["state"],
             tokenized_prompt=torch.from_numpy(np.stack([x.tokens for x in inputs])).long(),
             tokenized_prompt_mask=torch.from_numpy(np.stack([x.token_mask for x in inputs])),
-        ).to(self.device)
+        ).to(device if device is not None else self.device)
 
     def sample(self, obs: Observation, noise: torch.Tensor) -> torch.Tensor:
         """Model-space action chunks; the RL module overrides this to add guidance."""

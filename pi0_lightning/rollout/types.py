@@ -19,6 +19,8 @@ class EpisodeRequest:
     group: int = -1
     """RL group id (the K rollouts of one context share it); -1 outside RL."""
     record_video: bool = False
+    pad: bool = False
+    """A filler episode that keeps distributed ranks in lockstep; excluded from metrics."""
 
 
 @dataclass

@@ -1,0 +1,101 @@
+"""From collected episodes to training samples: RLOO per group, one sample per executed chunk, rank padding.
+
+Each sample is one executed chunk paired with its own start observation (never the episode's first one), the
+normalised actions actually executed from it (dims beyond the robot's zeroed, as in openpi's padded training data)
+with a mask over executed rows, and its episode's RLOO advantage. `pad_samples` appends copies flagged
+`valid=False` so that every rank runs the same number of batches (DDP requires it); the loss ignores them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from pi0_lightning.rl.advantages import rloo_advantages, useful_groups
+from pi0_lightning.rollout.types import EpisodeResult
+
+
+@dataclass
+class TrainSample:
+    inputs: Any  # PolicyInput of the chunk's start observation
+    actions: np.ndarray  # (H, D) float32
+    action_mask: np.ndarray  # (H,) bool
+    advantage: float
+    valid: bool = True
+    task_id: int = -1
+
+
+@dataclass
+class GroupResult:
+    """The K episodes of one context and what RLOO made of them."""
+
+    group: int
+    episodes: list[EpisodeResult]
+    rewards: np.ndarray  # (K,)
+    advantages: np.ndarray  # (K,)
+    useful: bool
+
+
+def group_episodes(episodes: list[EpisodeResult], group_size: int) -> tuple[list[GroupResult], int]:
+    """RLOO over complete groups; groups with an invalid (crashed) episode are dropped. Returns (groups, dropped)."""
+    by_group: dict[int, list[EpisodeResult]] = defaultdict(list)
+    for ep in episodes:
+        by_group[ep.request.group].append(ep)
+    groups, dropped = [], 0
+    for gid in sorted(by_group):
+        eps = by_group[gid]
+        if len(eps) != group_size or not all(e.valid for e in eps):
+            dropped += 1
+            continue
+        rewards = np.array([[float(e.success) for e in eps]])
+        groups.append(GroupResult(gid, eps, rewards[0], rloo_advantages(rewards)[0], bool(useful_groups(rewards)[0])))
+    return groups, dropped
+
+
+def chunk_samples(groups: list[GroupResult], robot_action_dim: int | None = None) -> list[TrainSample]:
+    samples = []
+    for g in groups:
+        for ep, adv in zip(g.episodes, g.advantages, strict=True):
+            for c in ep.chunks:
+                actions = np.array(c.actions, dtype=np.float32)
+                if robot_action_dim is not None:
+                    actions[:, robot_action_dim:] = 0.0
+                samples.append(TrainSample(c.inputs, actions, c.action_mask, float(adv), True, ep.request.task_id))
+    return samples
+
+
+def pad_samples(samples: list[TrainSample], target: int, filler: TrainSample | None = None) -> list[TrainSample]:
+    """Append masked copies until `target` samples (of `filler`, or of the first sample)."""
+    if len(samples) >= target:
+        return samples
+    source = filler if filler is not None else samples[0]
+    pad = replace(source, valid=False, advantage=0.0)
+    return samples + [pad] * (target - len(samples))
+
+
+class SampleDataset(Dataset):
+    def __init__(self, samples: list[TrainSample]):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> TrainSample:
+        return self.samples[i]
+
+
+def collate(samples: list[TrainSample], to_observation) -> dict[str, Any]:
+    """Batch samples; `to_observation` turns a list of policy inputs into the model's Observation."""
+    return {
+        "obs": to_observation([s.inputs for s in samples]),
+        "actions": torch.from_numpy(np.stack([s.actions for s in samples])),
+        "action_mask": torch.from_numpy(np.stack([s.action_mask for s in samples])),
+        "advantages": torch.tensor([s.advantage for s in samples], dtype=torch.float32),
+        "valid": torch.tensor([s.valid for s in samples]),
+        "task_ids": torch.tensor([s.task_id for s in samples]),
+    }

@@ -1,0 +1,100 @@
+"""Which environment an experiment runs: one config dataclass, one function that builds everything the rollout side
+needs (a picklable env factory for the workers, the tasks with their instructions, step limits, init-state counts,
+and fallback norm stats for randomly initialised models)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal
+
+from pi0_lightning.envs.libero import SUITE_MAX_STEPS, LiberoEnv, LiberoEnvConfig, TaskInfo, resolve_tasks
+
+
+@dataclass
+class EnvConfig:
+    name: Literal["libero", "reach"] = "libero"
+    """libero: the real benchmark; reach: the 2-D toy task used to prove learning on CPU."""
+    suite: str = "libero_spatial"
+    """LIBERO suite (ignored for reach)."""
+    tasks: str = "all"
+    """Task ids or names, comma-separated, or 'all'."""
+    num_workers: int = 2
+    """Environment subprocesses per rank (LIBERO: ~1.8 GB RAM each)."""
+    max_steps: int | None = None
+    """Policy steps per episode; None = the suite's openpi limit (reach: its config's)."""
+    num_steps_wait: int = 10
+    """LIBERO dummy steps at the start of each episode."""
+    context_source: Literal["eval", "all"] = "eval"
+    """LIBERO initial states used as training contexts: the 50 official ones or all 100 shipped."""
+    hard_reset: bool = True
+    """LIBERO: rebuild the MuJoCo model at each reset (LIBERO's default)."""
+    worker_timeout: float = 300.0
+    """Seconds before a hung env worker is replaced."""
+    start_method: str = "forkserver"
+    """multiprocessing start method for env workers."""
+
+
+@dataclass
+class EnvSpec:
+    factory: Any
+    tasks: list[TaskInfo]
+    max_steps: int
+    init_states_per_task: int
+    default_norm_stats: dict
+    delta_actions: bool
+
+
+def identity_norm_stats(state_dim: int = 8, action_dim: int = 7) -> dict:
+    """Stats that leave values unchanged: only for randomly initialised demo models (real checkpoints carry theirs)."""
+
+    def stats(d: int) -> dict[str, list[float]]:
+        return {"mean": [0.0] * d, "std": [1.0] * d, "q01": [-1.0] * d, "q99": [1.0] * d}
+
+    return {"norm_stats": {"state": stats(state_dim), "actions": stats(action_dim)}}
+
+
+def build_env_spec(cfg: EnvConfig) -> EnvSpec:
+    if cfg.name == "libero":
+        env_cfg = LiberoEnvConfig(
+            suite=cfg.suite,
+            max_steps=cfg.max_steps,
+            num_steps_wait=cfg.num_steps_wait,
+            hard_reset=cfg.hard_reset,
+            context_source=cfg.context_source,
+        )
+        tasks = resolve_tasks(cfg.suite, cfg.tasks)
+        per_task = min(t.num_eval_init_states for t in tasks) if cfg.context_source == "eval" else 100
+        return EnvSpec(
+            partial(LiberoEnv, env_cfg),
+            tasks,
+            env_cfg.episode_steps if cfg.max_steps is None else cfg.max_steps,
+            per_task,
+            identity_norm_stats(),
+            delta_actions=True,
+        )
+    if cfg.name == "reach":
+        from pi0_lightning.envs.reach import ReachEnv, ReachEnvConfig, reach_norm_stats, reach_tasks
+
+        reach_cfg = ReachEnvConfig() if cfg.max_steps is None else ReachEnvConfig(max_steps=cfg.max_steps)
+        all_tasks = reach_tasks(reach_cfg)
+        if cfg.tasks == "all":
+            tasks = list(all_tasks)
+        else:
+            ids = [int(x) for x in cfg.tasks.split(",")]
+            bad = [i for i in ids if not 0 <= i < len(all_tasks)]
+            if bad:
+                valid = "; ".join(f"{t.task_id}: {t.language}" for t in all_tasks)
+                raise ValueError(f"unknown reach task(s) {bad}; valid tasks: {valid}")
+            tasks = [all_tasks[i] for i in ids]
+        return EnvSpec(
+            partial(ReachEnv, reach_cfg),
+            tasks,
+            reach_cfg.max_steps,
+            reach_cfg.num_init_states,
+            reach_norm_stats(reach_cfg),
+            delta_actions=False,
+        )
+    raise ValueError(
+        f"unknown env {cfg.name!r}; choose 'libero' or 'reach' (LIBERO suites: {', '.join(SUITE_MAX_STEPS)})"
+    )

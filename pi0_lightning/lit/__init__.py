@@ -1,0 +1,1 @@
+"""Lightning integration, the only library code that imports Lightning: module, datamodule, logger."""

@@ -1,0 +1,306 @@
+"""PI0RLModule: RIPT-style RL for PI0 in Lightning (RLOO advantages + CFG advantage-conditioned flow matching).
+
+One epoch is one RL iteration: `RolloutDataModule.train_dataloader()` collects K rollouts per context with the
+current policy (guidance `rollout_guidance`, default w = 1: the positive-conditioned policy), keeps useful groups and
+hands over one sample per executed chunk; `training_step` minimises the CFG loss (`rl/losses.py`) with automatic
+optimisation (AdamW, warmup + cosine, gradient clipping from the Trainer). Validation runs the official evaluation
+episodes for every guidance weight in `eval_guidance` and logs per-task success rates (torchmetrics, summed over
+ranks). The trained policy samples with v = v_null + w * (v_pos - v_null), using the null condition it was trained
+with.
+
+    pi0-lightning fit --config configs/demo.yaml
+    pi0-lightning validate --config configs/demo.yaml --ckpt_path runs/demo/checkpoints/last.ckpt
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+
+from pi0_lightning.model.config import PI0Config
+from pi0_lightning.model.lora import apply_lora
+from pi0_lightning.model.pi0 import PI0
+from pi0_lightning.policy.libero import LiberoPolicy
+from pi0_lightning.policy.tokenizer import PromptTokenizer, find_tokenizer_file, train_small_tokenizer
+from pi0_lightning.policy.transforms import LiberoTransforms, Normalizer
+from pi0_lightning.rl.losses import CFGLossConfig, cfg_loss
+from pi0_lightning.rollout.metrics import TaskSuccessRate
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2.5e-5
+    """Peak learning rate (openpi fine-tuning peak; RL usually wants the same or lower)."""
+    weight_decay: float = 1e-10
+    """openpi's AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_steps: int = 10
+    """Linear warmup in optimizer steps."""
+    decay_steps: int = 1000
+    """Cosine decay length in optimizer steps, after warmup; then constant at min_lr."""
+    min_lr: float = 2.5e-6
+
+
+class GuidedLiberoPolicy(LiberoPolicy):
+    """LiberoPolicy sampling with a fixed CFG guidance weight."""
+
+    guidance: float | None = None
+
+    def sample(self, obs, noise):
+        return self.model.sample_actions(obs, noise=noise, num_steps=self.num_steps, guidance=self.guidance)
+
+
+class PI0RLModule(L.LightningModule):
+    def __init__(
+        self,
+        checkpoint: str | None = None,
+        variant: str = "pi0_tiny",
+        action_horizon: int | None = None,
+        tokenizer: str | None = None,
+        loss: CFGLossConfig | None = None,
+        optim: OptimConfig | None = None,
+        trainable: Literal["full", "action_expert", "frozen_vision", "lora"] = "full",
+        lora_rank: int = 16,
+        lora_alpha: float = 16.0,
+        activation_checkpointing: bool = False,
+        model_dtype: Literal["float32", "bfloat16"] = "float32",
+        rollout_guidance: float = 1.0,
+        eval_guidance: list[float] | None = None,
+        num_denoise_steps: int = 10,
+        delta_actions: bool | None = None,
+        norm_mode: Literal["zscore", "quantile"] | None = None,
+        seed: int = 0,
+    ):
+        """
+        Args:
+            checkpoint: a pi0_lightning checkpoint directory (see `pi0-convert`); None = random `variant` weights.
+            variant: PI0Config variant for random initialisation (demos, tests, the learning proof).
+            action_horizon: override the model's action horizon H (must be >= the data's replan_steps).
+            tokenizer: PaliGemma tokenizer file if the checkpoint bundles none; random models train a small one.
+            loss: the CFG loss (two-branch by default).
+            optim: AdamW and the warmup + cosine schedule.
+            trainable: full; action_expert (expert, projections, condition embedding); frozen_vision; lora.
+            lora_rank: LoRA rank (trainable=lora).
+            lora_alpha: LoRA alpha (trainable=lora).
+            activation_checkpointing: recompute each JointLayer in backward (less memory, ~30% more time).
+            model_dtype: weights dtype; bfloat16 keeps openpi's float32 islands (norms, projections, embeddings).
+            rollout_guidance: CFG weight w used to collect training rollouts (1 = positive-conditioned policy).
+            eval_guidance: CFG weights evaluated in validation; the first is logged as val/success_rate.
+            num_denoise_steps: Euler steps of the flow sampler.
+            delta_actions: checkpoint trained with openpi's delta-action transform (default: pi0 yes, pi05 no;
+                random models: the environment's default).
+            norm_mode: zscore (pi0) or quantile (pi05); default by model type.
+            seed: seed of the loss's noise and time draws.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.checkpoint = checkpoint
+        self.loss_config = loss or CFGLossConfig()
+        self.optim = optim or OptimConfig()
+        self.eval_guidance = list(eval_guidance) if eval_guidance else [1.0]
+        self.model: PI0 | None = None
+        self.rollout_metrics: dict[str, float] = {}
+        self._policy: GuidedLiberoPolicy | None = None
+        self._generator = torch.Generator().manual_seed(seed)
+        self.tokenizer_path: Path | None = None
+        self.norm_stats: dict | None = None
+        self.val_metrics: torch.nn.ModuleList | None = None
+        self.val_episodes: list = []
+
+    # ------------------------------------------------------------------ model
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        hp = self.hparams
+        if self.checkpoint:
+            model = PI0.from_pretrained(self.checkpoint, dtype="float32")
+        else:
+            overrides = {"action_horizon": hp.action_horizon} if hp.action_horizon else {}
+            with torch.random.fork_rng():
+                torch.manual_seed(hp.seed)
+                model = PI0(PI0Config.variant(hp.variant, **overrides))
+        if hp.action_horizon and model.config.action_horizon != hp.action_horizon:
+            model.config.action_horizon = hp.action_horizon
+        model.add_cfg_conditions(self.loss_config.num_conditions)
+        model.apply_dtype_policy(hp.model_dtype)
+        self._set_trainable(model)
+        model.llm.gradient_checkpointing = hp.activation_checkpointing
+        self.model = model
+
+    def _set_trainable(self, model: PI0) -> None:
+        mode = self.hparams.trainable
+        if mode == "lora":
+            model.requires_grad_(False)
+            apply_lora(model.llm, self.hparams.lora_rank, self.hparams.lora_alpha)
+        elif mode in ("action_expert", "frozen_vision"):
+            model.requires_grad_(True)
+            model.vision.requires_grad_(False)
+            if mode == "action_expert":
+                model.llm.requires_grad_(False)
+                for layer in model.llm.layers:
+                    layer.experts[1].requires_grad_(True)
+                model.llm.norms[1].requires_grad_(True)
+        elif mode != "full":
+            raise ValueError(f"trainable must be full, action_expert, frozen_vision or lora, got {mode!r}")
+        if mode != "full":  # the heads that talk to the action space always train
+            for name, module in model.named_children():
+                if name not in ("vision", "llm"):
+                    module.requires_grad_(True)
+
+    def setup(self, stage: str) -> None:
+        self.configure_model()
+        dm = self.trainer.datamodule if self.trainer is not None else None
+        self._resolve_policy_assets(dm)
+        if dm is not None and dm.spec is not None:
+            n = max(t.task_id for t in dm.spec.tasks) + 1
+            self.num_tasks = n
+            self.val_metrics = torch.nn.ModuleList(TaskSuccessRate(n) for _ in self.eval_guidance)
+            self.train_success = TaskSuccessRate(n)
+
+    def _resolve_policy_assets(self, dm) -> None:
+        """Tokenizer and norm stats: the checkpoint's, else explicit, else (random models) built for the env."""
+        ckpt = Path(self.checkpoint) if self.checkpoint else None
+        tok = Path(self.hparams.tokenizer) if self.hparams.tokenizer else (ckpt and find_tokenizer_file(ckpt))
+        if tok is None:
+            if ckpt is not None:
+                raise FileNotFoundError(f"{ckpt} bundles no PaliGemma tokenizer; set model.tokenizer")
+            texts = [t.language for t in dm.spec.tasks] if dm is not None and dm.spec else ["do the task"]
+            tmp = Path(tempfile.mkdtemp(prefix="pi0_tok_"))
+            tok = train_small_tokenizer(
+                texts, tmp / "small_tokenizer.model", vocab_size=min(1000, self.model.config.vocab_size)
+            )
+        self.tokenizer_path = Path(tok)
+        if ckpt is not None and (ckpt / "norm_stats.json").is_file():
+            import json
+
+            self.norm_stats = json.loads((ckpt / "norm_stats.json").read_text())
+        elif dm is not None and dm.spec is not None:
+            self.norm_stats = dm.spec.default_norm_stats
+        else:
+            raise FileNotFoundError("no norm stats: the checkpoint has no norm_stats.json and no environment gives any")
+        if self.hparams.delta_actions is not None:
+            self.delta_actions = self.hparams.delta_actions
+        elif ckpt is not None:
+            self.delta_actions = not self.model.config.pi05
+        else:
+            self.delta_actions = dm.spec.delta_actions if dm is not None and dm.spec is not None else False
+
+    def rollout_policy(self, guidance: float | None = None) -> GuidedLiberoPolicy:
+        """The current model as a LIBERO chunk policy (same weights; no copy)."""
+        if self._policy is None:
+            mode = self.hparams.norm_mode or ("quantile" if self.model.config.pi05 else "zscore")
+            transforms = LiberoTransforms(
+                Normalizer.from_json(self.norm_stats, mode=mode),
+                model_action_dim=self.model.config.action_dim,
+                delta_actions=self.delta_actions,
+            )
+            tok = PromptTokenizer.from_file(self.tokenizer_path, max_len=self.model.config.max_token_len)
+            self._policy = GuidedLiberoPolicy(self.model, tok, transforms, self.hparams.num_denoise_steps, self.device)
+        self._policy.device = self.device
+        self._policy.guidance = self.hparams.rollout_guidance if guidance is None else guidance
+        return self._policy
+
+    # ------------------------------------------------------------------ training
+
+    def on_train_epoch_start(self) -> None:
+        for key, value in self.rollout_metrics.items():
+            self.log(key, value, on_step=False, on_epoch=True, sync_dist=True, batch_size=1)
+        dm = self.trainer.datamodule
+        episodes = [e for e in getattr(dm, "last_episodes", []) if e.valid]
+        if episodes:
+            self.train_success.update(
+                torch.tensor([e.request.task_id for e in episodes]), torch.tensor([float(e.success) for e in episodes])
+            )
+        out = self.train_success.compute()  # collective: every rank calls it
+        per_task = out["per_task"].reshape(-1)
+        for t in dm.spec.tasks:
+            self.log(f"rollout/success/task_{t.task_id}", per_task[t.task_id].nan_to_num(0.0), batch_size=1)
+        self.log("iteration", float(self.current_epoch), batch_size=1)
+        self.train_success.reset()
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, metrics = cfg_loss(
+            self.model,
+            batch["obs"],
+            batch["actions"],
+            batch["action_mask"],
+            batch["advantages"],
+            batch["valid"],
+            self.loss_config,
+            generator=self._generator if self.device.type == "cpu" else None,
+        )
+        bs = batch["actions"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
+        for k, v in metrics.items():
+            if k != "loss":
+                self.log(f"train/{k}", v, batch_size=bs, sync_dist=True)
+        return loss
+
+    def configure_optimizers(self):
+        o = self.optim
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+        def schedule(step: int) -> float:
+            if step < o.warmup_steps:
+                return (step + 1) / (o.warmup_steps + 1)
+            progress = min(1.0, (step - o.warmup_steps) / max(1, o.decay_steps))
+            floor = o.min_lr / o.lr
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ validation (evaluation rollouts)
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_episodes = []
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        dm = self.trainer.datamodule
+        for i, w in enumerate(self.eval_guidance):
+            policy = self.rollout_policy(guidance=w)
+            collector = dm.collector(policy, seed=hash((dm.seed, "val", batch_idx, i)) & 0x7FFFFFFF)
+            results, _ = collector.collect(batch, desc=f"eval w={w}")
+            real = [r for r in results if r.valid and not r.request.pad]
+            if real:
+                self.val_metrics[i].update(
+                    torch.tensor([r.request.task_id for r in real]), torch.tensor([float(r.success) for r in real])
+                )
+            if i == 0:
+                self.val_episodes += [r for r in real if r.frames]
+
+    def on_validation_epoch_end(self) -> None:
+        tasks = self.trainer.datamodule.spec.tasks
+        for i, w in enumerate(self.eval_guidance):
+            out = self.val_metrics[i].compute()  # collective
+            suffix = "" if i == 0 else f"_w{w:g}"
+            self.log(f"val/success_rate{suffix}", out["overall"].reshape(-1)[0].float(), batch_size=1)
+            per_task = out["per_task"].reshape(-1)
+            for t in tasks:
+                self.log(
+                    f"val/success{suffix}/task_{t.task_id}", per_task[t.task_id].nan_to_num(0.0).float(), batch_size=1
+                )
+            self.val_metrics[i].reset()
+
+    # ------------------------------------------------------------------ export
+
+    def export_pretrained(self, path: str | Path) -> Path:
+        """The policy as a pi0_lightning checkpoint directory (safetensors), LoRA merged, loadable by PI0."""
+        import copy
+
+        from pi0_lightning.model.lora import merge_lora
+
+        model = copy.deepcopy(self.model).float().cpu()
+        merge_lora(model)
+        model.apply_dtype_policy("float32")
+        model.save_pretrained(path, norm_stats=self.norm_stats, tokenizer_path=self.tokenizer_path, overwrite=True)
+        return Path(path)

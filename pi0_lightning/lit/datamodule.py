@@ -234,6 +234,11 @@ class RolloutDataModule(L.LightningDataModule):
         batches = [shard[i : i + workers] for i in range(0, len(shard), workers)]
         return DataLoader(batches, batch_size=None, collate_fn=_identity, num_workers=0)
 
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        if isinstance(batch, list):  # validation batches are episode requests for the env workers, not tensors
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     # ------------------------------------------------------------------ checkpointing
 
     def state_dict(self) -> dict[str, Any]:

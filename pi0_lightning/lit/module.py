@@ -166,8 +166,14 @@ class PI0RLModule(L.LightningModule):
             self.train_success = TaskSuccessRate(n)
 
     def _resolve_policy_assets(self, dm) -> None:
-        """Tokenizer and norm stats: the checkpoint's, else explicit, else (random models) built for the env."""
+        """Tokenizer and norm stats: restored from a Lightning checkpoint, else the pi0 checkpoint's, else explicit,
+        else (random models) built for the env."""
         ckpt = Path(self.checkpoint) if self.checkpoint else None
+        restored = getattr(self, "_restored_assets", None)
+        if restored is not None:
+            self.tokenizer_path, self.norm_stats = restored
+            self.delta_actions = self._default_delta_actions(ckpt, dm)
+            return
         tok = Path(self.hparams.tokenizer) if self.hparams.tokenizer else (ckpt and find_tokenizer_file(ckpt))
         if tok is None:
             if ckpt is not None:
@@ -186,12 +192,14 @@ class PI0RLModule(L.LightningModule):
             self.norm_stats = dm.spec.default_norm_stats
         else:
             raise FileNotFoundError("no norm stats: the checkpoint has no norm_stats.json and no environment gives any")
+        self.delta_actions = self._default_delta_actions(ckpt, dm)
+
+    def _default_delta_actions(self, ckpt: Path | None, dm) -> bool:
         if self.hparams.delta_actions is not None:
-            self.delta_actions = self.hparams.delta_actions
-        elif ckpt is not None:
-            self.delta_actions = not self.model.config.pi05
-        else:
-            self.delta_actions = dm.spec.delta_actions if dm is not None and dm.spec is not None else False
+            return self.hparams.delta_actions
+        if ckpt is not None:
+            return not self.model.config.pi05
+        return dm.spec.delta_actions if dm is not None and dm.spec is not None else False
 
     def rollout_policy(self, guidance: float | None = None) -> GuidedLiberoPolicy:
         """The current model as a LIBERO chunk policy (same weights; no copy)."""
@@ -290,6 +298,25 @@ class PI0RLModule(L.LightningModule):
                     f"val/success{suffix}/task_{t.task_id}", per_task[t.task_id].nan_to_num(0.0).float(), batch_size=1
                 )
             self.val_metrics[i].reset()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the policy's assets travel with the weights: a tokenizer trained for a random model, and the norm stats
+        checkpoint["pi0_policy_assets"] = {
+            "tokenizer_name": self.tokenizer_path.name if self.tokenizer_path else None,
+            "tokenizer_bytes": self.tokenizer_path.read_bytes() if self.tokenizer_path else None,
+            "norm_stats": self.norm_stats,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        assets = checkpoint.get("pi0_policy_assets")
+        if not assets or assets.get("tokenizer_bytes") is None:
+            return
+        path = Path(tempfile.mkdtemp(prefix="pi0_tok_")) / assets["tokenizer_name"]
+        path.write_bytes(assets["tokenizer_bytes"])
+        self._restored_assets = (path, assets["norm_stats"])
+        self._policy = None
 
     # ------------------------------------------------------------------ export
 

@@ -1,0 +1,102 @@
+"""MLflow run bookkeeping: persist the run id (so resumes continue the same run), log the resolved config, and plot
+the success rate over iterations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.loggers import MLFlowLogger
+
+
+def _mlflow(trainer: L.Trainer) -> MLFlowLogger | None:
+    return next((lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)
+
+
+class MLflowRunFile(L.Callback):
+    """Writes {run_id, tracking_uri} to `path` (point the logger's `run_file` at the same file) and into every
+    Lightning checkpoint, and logs the resolved config.yaml as an artifact."""
+
+    def __init__(self, path: str = "runs/checkpoints/mlflow_run.json", config_file: str | None = None):
+        """
+        Args:
+            path: JSON file with the run id, next to the checkpoints.
+            config_file: the resolved config to log as an artifact (default: <log_dir>/config.yaml).
+        """
+        self.path = Path(path)
+        self.config_file = config_file
+
+    def _record(self, trainer: L.Trainer) -> None:
+        # after every setup() hook, so LightningCLI's SaveConfigCallback has written config.yaml
+        logger = _mlflow(trainer)
+        if logger is None or not trainer.is_global_zero:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps({"run_id": logger.run_id, "tracking_uri": logger._tracking_uri}) + "\n")
+        config = Path(self.config_file) if self.config_file else Path(trainer.log_dir or ".") / "config.yaml"
+        if config.is_file():
+            logger.experiment.log_artifact(logger.run_id, str(config))
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._record(trainer)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "validate":
+            self._record(trainer)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        logger = _mlflow(trainer)
+        if logger is not None:
+            checkpoint["mlflow"] = {"run_id": logger.run_id, "tracking_uri": logger._tracking_uri}
+
+
+class SuccessRatePlot(L.Callback):
+    """After each validation, plot val/success_rate (and rollout success) per iteration to success_rate.png and log
+    it to MLflow (rank 0)."""
+
+    def __init__(self, dirpath: str = "runs/plots"):
+        """
+        Args:
+            dirpath: where success_rate.png is written.
+        """
+        self.dirpath = Path(dirpath)
+        self.history: dict[str, list[tuple[int, float]]] = {}
+
+    def _record(self, trainer: L.Trainer) -> None:
+        for key in ("val/success_rate", "rollout/success_rate"):
+            if key in trainer.callback_metrics:
+                self.history.setdefault(key, []).append((trainer.current_epoch, float(trainer.callback_metrics[key])))
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        self._record(trainer)
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for key, points in self.history.items():
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker="o", label=key)
+        ax.set_xlabel("RL iteration")
+        ax.set_ylabel("success rate")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
+        fig.tight_layout()
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        path = self.dirpath / "success_rate.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        logger = _mlflow(trainer)
+        if logger is not None:
+            logger.experiment.log_artifact(logger.run_id, str(path), "plots")
+
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = {k: [tuple(p) for p in v] for k, v in state_dict.get("history", {}).items()}

@@ -1,0 +1,37 @@
+"""Rollout videos of a few validation episodes per iteration, written as mp4 and logged to MLflow (rank 0)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+
+
+class RolloutVideoLogger(L.Callback):
+    def __init__(self, dirpath: str = "runs/videos", max_videos: int = 4, fps: int = 10):
+        """
+        Args:
+            dirpath: where mp4s are written (iteration_XXXX/ subfolders).
+            max_videos: videos per validation run.
+            fps: frames per second.
+        """
+        self.dirpath = Path(dirpath)
+        self.max_videos = max_videos
+        self.fps = fps
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        episodes = list(getattr(pl_module, "val_episodes", []))[: self.max_videos]
+        if not trainer.is_global_zero or not episodes:
+            return
+        from pi0_lightning.evaluate import write_videos
+
+        out = self.dirpath / f"iteration_{trainer.current_epoch:04d}"
+        paths = write_videos(episodes, out, fps=self.fps)
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, MLFlowLogger):
+                for p in paths:
+                    logger.experiment.log_artifact(
+                        logger.run_id, str(p), f"videos/iteration_{trainer.current_epoch:04d}"
+                    )

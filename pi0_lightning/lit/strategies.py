@@ -1,0 +1,41 @@
+"""Distributed strategies as YAML-friendly factories (wrap policies are classes, which YAML cannot spell).
+
+`JointLayer` (one depth of both Gemma experts) and `SiglipBlock` are the FSDP wrap units and activation-checkpoint
+units: their `forward` is what the model calls, which FSDP's all-gather hooks require.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Literal
+
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+from pi0_lightning.model.gemma import JointLayer
+from pi0_lightning.model.siglip import SiglipBlock
+
+
+def ddp_strategy(find_unused_parameters: bool = True, timeout_minutes: int = 120) -> DDPStrategy:
+    """DDP (NCCL on GPU, gloo on CPU). Unused parameters exist (the PaliGemma final norm feeds nothing in the loss);
+    the long timeout covers ranks waiting at a collective while others finish rollouts."""
+    return DDPStrategy(find_unused_parameters=find_unused_parameters, timeout=timedelta(minutes=timeout_minutes))
+
+
+def fsdp_strategy(
+    sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"] = "SHARD_GRAD_OP",
+    activation_checkpointing: bool = True,
+    state_dict_type: Literal["full", "sharded"] = "full",
+    timeout_minutes: int = 120,
+) -> FSDPStrategy:
+    """FSDP with JointLayer / SiglipBlock as wrap units; SHARD_GRAD_OP keeps parameters gathered between the many
+    forward calls of a rollout."""
+    units = {JointLayer, SiglipBlock}
+    return FSDPStrategy(
+        auto_wrap_policy=units,
+        activation_checkpointing_policy=units if activation_checkpointing else None,
+        sharding_strategy=sharding_strategy,
+        state_dict_type=state_dict_type,
+        limit_all_gathers=True,
+        use_orig_params=True,
+        timeout=timedelta(minutes=timeout_minutes),
+    )

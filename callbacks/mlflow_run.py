@@ -30,11 +30,12 @@ class MLflowRunFile(L.Callback):
     def _record(self, trainer: L.Trainer) -> None:
         # after every setup() hook, so LightningCLI's SaveConfigCallback has written config.yaml
         logger = _mlflow(trainer)
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
         if logger is None or not trainer.is_global_zero:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps({"run_id": logger.run_id, "tracking_uri": logger._tracking_uri}) + "\n")
-        config = Path(self.config_file) if self.config_file else Path(trainer.log_dir or ".") / "config.yaml"
+        config = Path(self.config_file) if self.config_file else Path(log_dir or ".") / "config.yaml"
         if config.is_file():
             logger.experiment.log_artifact(logger.run_id, str(config))
 
@@ -68,7 +69,7 @@ class SuccessRatePlot(L.Callback):
             if key in trainer.callback_metrics:
                 self.history.setdefault(key, []).append((trainer.current_epoch, float(trainer.callback_metrics[key])))
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
         self._record(trainer)

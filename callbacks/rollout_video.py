@@ -19,7 +19,7 @@ class RolloutVideoLogger(L.Callback):
         self.max_videos = max_videos
         self.fps = fps
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         episodes = list(getattr(pl_module, "val_episodes", []))[: self.max_videos]
         if not trainer.is_global_zero or not episodes:
             return

@@ -5,7 +5,8 @@ only at chunk starts (render-on-use), per worker count and per suite, plus peak 
         [--suites libero_spatial libero_object libero_goal libero_10 libero_90]
 
 Actions are small random deltas (uniform in [-0.2, 0.2], gripper -1, fixed seed); every worker runs task 0 of the
-suite from initial state 0. Only the stepping is timed; env build + first reset and a later reset are reported apart.
+suite from initial state 0. Only the stepping is timed, in alternating blocks of `--replan-steps` steps per mode; env
+build + first reset and a later reset are reported apart.
 """
 
 from __future__ import annotations
@@ -39,28 +40,33 @@ def peak_rss_gib(pid: int) -> float:
 
 
 def bench(suite: str, workers: int, steps: int, replan: int) -> dict:
-    """One pool: build + reset, then for each mode a reset and `steps` timed lockstep steps from the same state."""
+    """One pool: build + reset, then ~`2 * steps` timed lockstep steps per worker in blocks of `replan` steps that
+    alternate between the two modes (rendering does not change the physics), so that load from other processes
+    hits both modes alike; then one more reset, timed."""
     ids = list(range(workers))
     options = [{"task_id": 0, "init_state": 0}] * workers
+    rng = np.random.default_rng(0)
+    blocks = max(1, round(steps / replan))  # per mode
+    seconds = dict.fromkeys(MODES, 0.0)
     out = {}
     with EnvPool(partial(LiberoEnv, LiberoEnvConfig(suite=suite)), workers, env_vars=_gl_vars()) as pool:
         t0 = time.perf_counter()
         check(pool.reset(ids, options=options))
         out["build_reset_s"] = time.perf_counter() - t0
-        resets = []
-        for mode in MODES:
-            rng = np.random.default_rng(0)
-            t0 = time.perf_counter()
-            check(pool.reset(ids, options=options))
-            resets.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            for i in range(steps):
+        for block in range(2 * blocks):
+            mode = MODES[block % 2]
+            for j in range(replan):
                 actions = [np.append(rng.uniform(-0.2, 0.2, 6), -1.0) for _ in ids]
-                render = mode == "every" or (i + 1) % replan == 0  # on-use: the last step of each chunk
+                render = mode == "every" or j == replan - 1  # on-use: the last step of each chunk
+                t0 = time.perf_counter()
                 check(pool.step(ids, actions, [render] * workers))
-            out[mode] = steps * workers / (time.perf_counter() - t0)
-        out["reset_s"] = float(np.mean(resets))
+                seconds[mode] += time.perf_counter() - t0
+        for mode in MODES:
+            out[mode] = blocks * replan * workers / seconds[mode]
         out["rss_gib"] = [peak_rss_gib(p.pid) for p in pool._procs]
+        t0 = time.perf_counter()
+        check(pool.reset(ids, options=options))
+        out["reset_s"] = time.perf_counter() - t0
     return out
 
 

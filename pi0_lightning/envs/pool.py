@@ -61,11 +61,12 @@ import multiprocessing as mp
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
 import traceback
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any, Protocol
@@ -251,7 +252,8 @@ class EnvPool:
             name=f"EnvPool-worker-{index}",
             daemon=True,
         )
-        proc.start()
+        with _without_main_module() if self.start_method != "fork" else contextlib.nullcontext():
+            proc.start()
         child_conn.close()  # only the worker holds its end: the parent then sees EOF when the worker dies
         return proc, parent_conn
 
@@ -387,6 +389,30 @@ def _exit_when_parent_dies(lifeline: Connection) -> None:
     with contextlib.suppress(EOFError, OSError):
         lifeline.recv_bytes()
     os._exit(1)
+
+
+@contextlib.contextmanager
+def _without_main_module() -> Iterator[None]:
+    """Hide the parent's entry script from multiprocessing while a worker starts.
+
+    spawn/forkserver children re-import the parent's `__main__` (for a console script such as `pi0-lightning`,
+    that means torch and Lightning: ~400 MB and seconds per worker). Workers only need the pickled env factory,
+    whose module they import by name, so the entry script is hidden during `Process.start()`.
+    """
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    saved_file, saved_spec = getattr(main, "__file__", None), getattr(main, "__spec__", None)
+    try:
+        if saved_file is not None:
+            del main.__file__
+        main.__spec__ = None  # multiprocessing reads the attribute, so it must exist
+        yield
+    finally:
+        if saved_file is not None:
+            main.__file__ = saved_file
+        main.__spec__ = saved_spec
 
 
 def _worker_main(conn: Connection, lifeline: Connection | None, env_fn: Any, env_vars: dict[str, str]) -> None:

@@ -98,6 +98,9 @@ class ReachEnvConfig:
     """Seed of the start positions (task `i` uses ``default_rng([seed, i])``)."""
     render_wrist: bool = True
     """Render the wrist image as a 2x zoom around the agent; False returns an all-zero wrist image (cheaper)."""
+    draw_all_targets: bool = True
+    """Draw all four targets (the goal is named only in language) or only the current task's target (the goal is
+    visible too, which a tiny randomly initialised model picks up much faster)."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_tasks <= len(TASKS):
@@ -214,7 +217,7 @@ class ReachEnv(gym.Env if gym is not None else object):
         self._ys = -_pixel_centres(s, ARENA)
         self._wrist_dx = _pixel_centres(s, WRIST_HALF_WIDTH)
         self._wrist_dy = -_pixel_centres(s, WRIST_HALF_WIDTH)
-        self._background: np.ndarray | None = None  # the static agent view (floor + targets), upright
+        self._backgrounds: dict[int, np.ndarray] = {}  # per task: the static agent view (floor + targets), upright
 
     # -------------------------------------------------------------- rendering
 
@@ -224,8 +227,9 @@ class ReachEnv(gym.Env if gym is not None else object):
         inside = (np.abs(ys) <= ARENA)[:, None] & (np.abs(xs) <= ARENA)[None, :]
         img[inside] = FLOOR_RGB
         r2 = self.config.goal_radius**2
-        for (tx, ty), rgb in zip(TARGET_POSITIONS, TARGET_RGB, strict=True):
-            img[((ys[:, None] - ty) ** 2 + (xs[None, :] - tx) ** 2) <= r2] = rgb
+        for i, ((tx, ty), rgb) in enumerate(zip(TARGET_POSITIONS, TARGET_RGB, strict=True)):
+            if self.config.draw_all_targets or i == self._task_id:
+                img[((ys[:, None] - ty) ** 2 + (xs[None, :] - tx) ** 2) <= r2] = rgb
         if agent is not None:
             self._paint_agent(img, xs, ys, agent)
         return img
@@ -235,9 +239,9 @@ class ReachEnv(gym.Env if gym is not None else object):
         img[((ys[:, None] - agent[1]) ** 2 + (xs[None, :] - agent[0]) ** 2) <= AGENT_RADIUS**2] = AGENT_RGB
 
     def _images(self) -> dict[str, np.ndarray]:
-        if self._background is None:
-            self._background = self._paint(self._xs, self._ys, None)
-        agent = self._background.copy()
+        if self._task_id not in self._backgrounds:
+            self._backgrounds[self._task_id] = self._paint(self._xs, self._ys, None)
+        agent = self._backgrounds[self._task_id].copy()
         self._paint_agent(agent, self._xs, self._ys, self._pos)
         if self.config.render_wrist:
             wrist = self._paint(self._pos[0] + self._wrist_dx, self._pos[1] + self._wrist_dy, self._pos)

@@ -33,6 +33,8 @@ class EnvConfig:
     """Seconds before a hung env worker is replaced."""
     start_method: str = "forkserver"
     """multiprocessing start method for env workers."""
+    reach_goal_only: bool = False
+    """reach: draw only the current task's target (the goal is then visible as well as named)."""
 
 
 @dataclass
@@ -76,7 +78,9 @@ def build_env_spec(cfg: EnvConfig) -> EnvSpec:
     if cfg.name == "reach":
         from pi0_lightning.envs.reach import ReachEnv, ReachEnvConfig, reach_norm_stats, reach_tasks
 
-        reach_cfg = ReachEnvConfig() if cfg.max_steps is None else ReachEnvConfig(max_steps=cfg.max_steps)
+        reach_cfg = ReachEnvConfig(draw_all_targets=not cfg.reach_goal_only)
+        if cfg.max_steps is not None:
+            reach_cfg = ReachEnvConfig(max_steps=cfg.max_steps, draw_all_targets=not cfg.reach_goal_only)
         all_tasks = reach_tasks(reach_cfg)
         if cfg.tasks == "all":
             tasks = list(all_tasks)

@@ -41,6 +41,7 @@ class RolloutDataModule(L.LightningDataModule):
         sampling: SamplingConfig | None = None,
         replan_steps: int = 5,
         batch_size: int = 8,
+        repeats: int = 1,
         eval_tasks: str | None = None,
         eval_episodes: int = 5,
         video_episodes: int = 1,
@@ -53,6 +54,8 @@ class RolloutDataModule(L.LightningDataModule):
             sampling: RLOO group size, per-rank quota of useful groups, dynamic-sampling budget.
             replan_steps: actions executed per predicted chunk (openpi LIBERO: 5); the same for rollouts and loss.
             batch_size: chunks per training micro-batch.
+            repeats: passes over the iteration's chunks (each with fresh flow-matching noise and time); RIPT's
+                "PPO epochs" analogue. Rollouts stay on-policy only for the first pass.
             eval_tasks: task ids for validation (default: the training tasks).
             eval_episodes: validation episodes per task (official init states 0..N-1).
             video_episodes: episodes per task recorded as video during validation (0 = none).
@@ -64,6 +67,7 @@ class RolloutDataModule(L.LightningDataModule):
         self.sampling = sampling or SamplingConfig()
         self.replan_steps = replan_steps
         self.batch_size = batch_size
+        self.repeats = repeats
         self.eval_tasks = eval_tasks
         self.eval_episodes = eval_episodes
         self.video_episodes = video_episodes
@@ -138,7 +142,7 @@ class RolloutDataModule(L.LightningDataModule):
         module.rollout_metrics = metrics
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.trainer.current_epoch)
         return DataLoader(
-            SampleDataset(samples),
+            SampleDataset(samples * self.repeats),
             batch_size=self.batch_size,
             shuffle=True,
             generator=g,
@@ -190,6 +194,7 @@ class RolloutDataModule(L.LightningDataModule):
         adv = np.concatenate([g.advantages for g in kept]) if kept else np.zeros(1)
         metrics = {
             "rollout/success_rate": float(np.mean([e.success for e in valid])) if valid else 0.0,
+            "rollout/episodes": float(len(valid)),
             "rollout/episode_len": float(np.mean([e.length for e in valid])) if valid else 0.0,
             "rollout/groups": float(len(all_groups)),
             "rollout/useful_group_frac": sum(g.useful for g in all_groups) / max(len(all_groups), 1),

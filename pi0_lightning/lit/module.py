@@ -166,14 +166,9 @@ class PI0RLModule(L.LightningModule):
             self.train_success = TaskSuccessRate(n)
 
     def _resolve_policy_assets(self, dm) -> None:
-        """Tokenizer and norm stats: restored from a Lightning checkpoint, else the pi0 checkpoint's, else explicit,
-        else (random models) built for the env."""
+        """Tokenizer and norm stats: the pi0 checkpoint's, else explicit, else (random models) built for the env.
+        Resuming from a Lightning checkpoint replaces them with the ones saved in it (`on_load_checkpoint`)."""
         ckpt = Path(self.checkpoint) if self.checkpoint else None
-        restored = getattr(self, "_restored_assets", None)
-        if restored is not None:
-            self.tokenizer_path, self.norm_stats = restored
-            self.delta_actions = self._default_delta_actions(ckpt, dm)
-            return
         tok = Path(self.hparams.tokenizer) if self.hparams.tokenizer else (ckpt and find_tokenizer_file(ckpt))
         if tok is None:
             if ckpt is not None:
@@ -209,6 +204,7 @@ class PI0RLModule(L.LightningModule):
                 Normalizer.from_json(self.norm_stats, mode=mode),
                 model_action_dim=self.model.config.action_dim,
                 delta_actions=self.delta_actions,
+                image_size=self.model.config.vision.image_size,
             )
             tok = PromptTokenizer.from_file(self.tokenizer_path, max_len=self.model.config.max_token_len)
             self._policy = GuidedLiberoPolicy(self.model, tok, transforms, self.hparams.num_denoise_steps, self.device)
@@ -315,7 +311,8 @@ class PI0RLModule(L.LightningModule):
             return
         path = Path(tempfile.mkdtemp(prefix="pi0_tok_")) / assets["tokenizer_name"]
         path.write_bytes(assets["tokenizer_bytes"])
-        self._restored_assets = (path, assets["norm_stats"])
+        # Lightning restores after setup(): replace what setup resolved, and rebuild the policy lazily
+        self.tokenizer_path, self.norm_stats = path, assets["norm_stats"]
         self._policy = None
 
     # ------------------------------------------------------------------ export

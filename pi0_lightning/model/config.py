@@ -133,7 +133,7 @@ class PI0Config:
     @classmethod
     def variant(cls, name: str, **overrides: Any) -> PI0Config:
         """Named sizes: `pi0`, `pi05` (real), `pi0_dummy` / `pi05_dummy` (openpi's dummy Gemma, real SigLIP),
-        `pi0_tiny` / `pi05_tiny` (tiny everything, for tests and CPU demos)."""
+        `pi0_tiny` / `pi05_tiny` (tiny everything, for tests and CPU demos), `pi0_micro` (pi0_tiny at 112 px)."""
         if name not in VARIANTS:
             raise ValueError(f"unknown PI0 variant {name!r}; choose from {', '.join(sorted(VARIANTS))}")
         return cls(**{**VARIANTS[name](), **overrides})
@@ -174,5 +174,10 @@ VARIANTS: dict[str, Any] = {
         "vocab_size": 1024,
         "max_token_len": 48,
     },
+}
+VARIANTS["pi0_micro"] = lambda: {  # pi0_tiny at 112x112 pixels (64 patches per camera): the CPU learning proof
+    **VARIANTS["pi0_tiny"](),
+    "vision": SiglipConfig(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=14, image_size=112),
+    "max_token_len": 16,
 }
 VARIANTS["dummy"] = VARIANTS["pi0_dummy"]

@@ -81,6 +81,7 @@ class LiberoPolicy:
             normalizer=Normalizer.from_json(path / "norm_stats.json", mode=mode),
             model_action_dim=model.config.action_dim,
             delta_actions=(not pi05) if delta_actions is None else delta_actions,
+            image_size=model.config.vision.image_size,
         )
         tok = PromptTokenizer.from_file(tok_file, max_len=model.config.max_token_len)
         return cls(model, tok, transforms, num_steps=num_steps, device=device)

@@ -71,3 +71,10 @@ def random_observation(config, batch_size: int = 2, seed: int = 0, prompt_lens=N
         tokenized_prompt=tokens,
         tokenized_prompt_mask=mask,
     )
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow_uri(monkeypatch):
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; undo it so no test (or its subprocesses) inherits
+    another test's store."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

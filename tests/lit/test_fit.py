@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_config
+from lit_config import write_config
 
 from pi0_lightning.cli import main
 from pi0_lightning.model.pi0 import PI0

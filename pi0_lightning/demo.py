@@ -24,7 +24,9 @@ FIXTURE_DIRS = (
 )
 
 
-def _reference_observation(ref) -> Observation:
+def reference_observation(ref) -> Observation:
+    """The model inputs of an openpi reference fixture (`reference.npz`, NHWC images in [-1, 1]) as an Observation."""
+
     def t(key: str) -> torch.Tensor:
         return torch.from_numpy(np.asarray(ref[key]))
 
@@ -55,7 +57,7 @@ def run_fixtures(fixtures: Path, out: Path) -> list[tuple[str, ...]]:
         argv = ["openpi", str(fixtures / name), str(ckpt), "--overwrite"]
         if convert(argv + ["--max-token-len", str(ref["tokenized_prompt"].shape[1])]) != 0:
             raise SystemExit(2)
-        obs = _reference_observation(ref)
+        obs = reference_observation(ref)
         noise = torch.from_numpy(ref["noise"])
         for dtype, key in (("float32", "actions_float32"), ("bfloat16", "actions_bfloat16")):
             model = PI0.from_pretrained(ckpt, dtype=dtype)

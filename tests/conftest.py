@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from pi0_lightning.demo import reference_observation
 from pi0_lightning.model.config import IMAGE_KEYS
 from pi0_lightning.model.observation import Observation
 
@@ -42,19 +43,7 @@ def converted(openpi_fixtures, tmp_path_factory):
     return get
 
 
-def observation_from_reference(ref) -> Observation:
-    """The fixture's model inputs (NHWC images in [-1, 1]) as our Observation (NCHW)."""
-
-    def t(key: str) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(ref[key]))
-
-    return Observation(
-        images={k: t(f"image_{k}").permute(0, 3, 1, 2).contiguous() for k in IMAGE_KEYS},
-        image_masks={k: t(f"image_mask_{k}") for k in IMAGE_KEYS},
-        state=t("state"),
-        tokenized_prompt=t("tokenized_prompt").long(),
-        tokenized_prompt_mask=t("tokenized_prompt_mask"),
-    )
+observation_from_reference = reference_observation
 
 
 def random_observation(config, batch_size: int = 2, seed: int = 0, prompt_lens=None) -> Observation:

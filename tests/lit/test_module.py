@@ -1,0 +1,75 @@
+"""PI0RLModule model set-up: trainable parts, LoRA (identity at init, mergeable), the optimizer schedule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_observation
+
+from pi0_lightning.lit.module import OptimConfig, PI0RLModule
+from pi0_lightning.model.lora import LoRALinear, merge_lora
+
+
+def trainable(module: PI0RLModule) -> set[str]:
+    return {n for n, p in module.model.named_parameters() if p.requires_grad}
+
+
+def test_full_and_frozen_vision():
+    full = PI0RLModule(variant="pi0_tiny")
+    full.configure_model()
+    assert all(p.requires_grad for p in full.model.parameters())
+    assert full.model.cfg_embed is not None and full.model.cfg_embed.weight.abs().sum() == 0
+    fv = PI0RLModule(variant="pi0_tiny", trainable="frozen_vision")
+    fv.configure_model()
+    names = trainable(fv)
+    assert not any(n.startswith("vision.") for n in names) and "llm.layers.0.experts.0.q_proj.weight" in names
+
+
+def test_action_expert_only():
+    m = PI0RLModule(variant="pi0_tiny", trainable="action_expert")
+    m.configure_model()
+    names = trainable(m)
+    assert "llm.layers.1.experts.1.mlp.up_proj.weight" in names and "llm.norms.1.weight" in names
+    assert "cfg_embed.weight" in names and "action_out_proj.weight" in names and "state_proj.weight" in names
+    assert not any(n.startswith(("vision.", "llm.embed_tokens")) or ".experts.0." in n for n in names)
+
+
+def test_lora_starts_as_the_base_model_and_merges_back():
+    torch.manual_seed(0)
+    base = PI0RLModule(variant="pi0_tiny", trainable="full")
+    base.configure_model()
+    lora = PI0RLModule(variant="pi0_tiny", trainable="lora", lora_rank=4)
+    lora.configure_model()
+    lora.model.load_state_dict(base.model.state_dict(), strict=False)
+    assert isinstance(lora.model.llm.layers[0].experts[1].q_proj, LoRALinear)
+    names = trainable(lora)
+    assert all("lora_" in n or not n.startswith("llm.") for n in names) and any("lora_a" in n for n in names)
+    obs = random_observation(base.model.config)
+    noise = torch.randn(2, base.model.config.action_horizon, base.model.config.action_dim)
+    a = base.model.sample_actions(obs, noise=noise, num_steps=2)
+    torch.testing.assert_close(lora.model.sample_actions(obs, noise=noise, num_steps=2), a)  # B = 0 at init
+    with torch.no_grad():
+        for mod in lora.model.modules():
+            if isinstance(mod, LoRALinear):
+                mod.lora_b.normal_(0, 0.01)
+    adapted = lora.model.sample_actions(obs, noise=noise, num_steps=2)
+    assert merge_lora(lora.model) > 0
+    torch.testing.assert_close(lora.model.sample_actions(obs, noise=noise, num_steps=2), adapted, atol=1e-4, rtol=1e-4)
+
+
+def test_warmup_then_cosine_to_min_lr():
+    m = PI0RLModule(variant="pi0_tiny", optim=OptimConfig(lr=1.0, warmup_steps=4, decay_steps=10, min_lr=0.1))
+    m.configure_model()
+    sched = m.configure_optimizers()["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(20):
+        lrs.append(sched.get_last_lr()[0])
+        sched.optimizer.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.2) and lrs[3] == pytest.approx(0.8) and lrs[4] == pytest.approx(1.0)
+    assert lrs[14] == pytest.approx(0.1) and lrs[19] == pytest.approx(0.1)
+
+
+def test_unknown_trainable_mode_rejected():
+    with pytest.raises(ValueError, match="trainable must be"):
+        PI0RLModule(variant="pi0_tiny", trainable="half").configure_model()

@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test lint format demo bench-cpu bench-env clean
+.PHONY: install test lint format demo bench-cpu bench-env bench-gpu clean
 
 install: $(STAMP)
 
@@ -61,6 +61,11 @@ bench-cpu: $(STAMP)
 # LIBERO env steps/s through EnvPool, render every step vs only at chunk starts (see BENCHMARKS.md; ~10 min)
 bench-env: $(STAMP)
 	$(PY) -m pi0_lightning.benchmarks.env
+
+# Real PI0 (3.3B, bf16, random weights) on one CUDA GPU: matmul peak, sample_actions latency/throughput and
+# fraction of peak, CFG RL training step time/memory (full vs action expert, checkpointing off/on)
+bench-gpu: $(STAMP)
+	$(PY) -m pi0_lightning.benchmarks.gpu --out runs/bench_gpu.json
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info .pytest_cache .ruff_cache

@@ -40,6 +40,7 @@ class LiberoPolicy:
         transforms: LiberoTransforms,
         num_steps: int = 10,
         device: str | torch.device = "cpu",
+        drop_masked_cameras: bool = True,
     ):
         if tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(
@@ -50,6 +51,9 @@ class LiberoPolicy:
         self.transforms = transforms
         self.num_steps = num_steps
         self.device = torch.device(device)
+        # a camera masked in every row (LIBERO's absent right wrist) contributes nothing: its tokens are excluded from
+        # attention and do not move positions, so leaving it out gives the same outputs for a third less compute
+        self.drop_masked_cameras = drop_masked_cameras
         self.action_horizon = model.config.action_horizon
         self._prompt_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -103,9 +107,10 @@ class LiberoPolicy:
     def to_observation(self, inputs: list[PolicyInput], device: str | torch.device | None = None) -> Observation:
         raw = np.stack([x.raw_state for x in inputs])
         model_in = self.transforms.inputs([(x.agentview, x.wrist) for x in inputs], raw)
+        keep = [k for k, m in model_in["image_masks"].items() if m.any() or not self.drop_masked_cameras]
         return Observation(
-            images=model_in["images"],
-            image_masks=model_in["image_masks"],
+            images={k: model_in["images"][k] for k in keep},
+            image_masks={k: model_in["image_masks"][k] for k in keep},
             state=model_in["state"],
             tokenized_prompt=torch.from_numpy(np.stack([x.tokens for x in inputs])).long(),
             tokenized_prompt_mask=torch.from_numpy(np.stack([x.token_mask for x in inputs])),

@@ -62,7 +62,9 @@ def test_act_returns_model_and_env_actions(policy):
 
 
 def test_observation_masks_absent_right_wrist(policy):
+    policy.drop_masked_cameras = False
     obs = policy.to_observation(policy.prepare([raw_obs(0)], PROMPTS[:1]))
+    policy.drop_masked_cameras = True
     assert obs.image_masks["right_wrist_0_rgb"].tolist() == [False]
     assert obs.images["right_wrist_0_rgb"].eq(-1).all()
     assert obs.state.shape == (1, 32) and obs.state[0, 8:].eq(0).all()
@@ -72,3 +74,19 @@ def test_checkpoint_without_tokenizer_is_a_clear_error(tmp_path):
     PI0(PI0Config.variant("pi0_tiny")).save_pretrained(tmp_path / "ck", norm_stats=STATS)
     with pytest.raises(FileNotFoundError, match="bundles no PaliGemma tokenizer"):
         LiberoPolicy.from_checkpoint(tmp_path / "ck")
+
+
+def test_dropping_the_always_masked_camera_changes_nothing(policy):
+    inputs = policy.prepare([raw_obs(0), raw_obs(1)], PROMPTS)
+    dropped = policy.to_observation(inputs)
+    assert "right_wrist_0_rgb" not in dropped.images
+    policy.drop_masked_cameras = False
+    try:
+        full = policy.to_observation(inputs)
+        assert "right_wrist_0_rgb" in full.images
+        noise = torch.randn(2, 10, 32)
+        a = policy.model.sample_actions(full, noise=noise, num_steps=3)
+        b = policy.model.sample_actions(dropped, noise=noise, num_steps=3)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    finally:
+        policy.drop_masked_cameras = True

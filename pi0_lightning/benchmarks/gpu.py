@@ -43,6 +43,7 @@ import torch
 from pi0_lightning.benchmarks.cpu import observation
 from pi0_lightning.checkpoint import build_model
 from pi0_lightning.model.config import GemmaConfig, PI0Config
+from pi0_lightning.model.graphs import CUDAGraphSampler
 from pi0_lightning.model.pi0 import PI0
 from pi0_lightning.rl.losses import CFGLossConfig, cfg_loss
 
@@ -132,17 +133,39 @@ def matmul_peak_tflops(device: torch.device, n: int = 8192, repeats: int = 20) -
 
 
 def bench_inference(
-    model: PI0, device: torch.device, batches: Sequence[int], repeats: int, peak: float | None
+    model: PI0,
+    device: torch.device,
+    batches: Sequence[int],
+    repeats: int,
+    peak: float | None,
+    mode: str = "eager",
 ) -> list[Row]:
+    """mode: eager; drop-cam (the always-masked camera left out, as LiberoPolicy does); graph (drop-cam replayed
+    as one CUDA graph; capture time and the max difference to eager are reported)."""
     cfg = model.config
     model.eval()
     rows = []
     for b in batches:
         obs = observation(cfg, b).to(device)
-        flops = sample_flops(cfg, b, NUM_STEPS, cfg.max_token_len, cfg.num_cameras)
-        row: Row = {"batch": b, "tflop_per_call": flops / 1e12}
+        cameras = cfg.num_cameras
+        if mode in ("drop-cam", "graph"):
+            obs.images.pop("right_wrist_0_rgb")
+            obs.image_masks.pop("right_wrist_0_rgb")
+            cameras -= 1
+        flops = sample_flops(cfg, b, NUM_STEPS, cfg.max_token_len, cameras)
+        row: Row = {"mode": mode, "batch": b, "tflop_per_call": flops / 1e12}
+        noise = torch.randn(b, cfg.action_horizon, cfg.action_dim, device=device)
+        sample = partial(model.sample_actions, obs, noise=noise, num_steps=NUM_STEPS)
+        if mode == "graph" and device.type == "cuda":
+            graphed = CUDAGraphSampler(model)
+            start = time.perf_counter()
+            out = graphed(obs, noise, NUM_STEPS)
+            torch.cuda.synchronize(device)
+            row["capture_s"] = time.perf_counter() - start
+            row["max_abs_diff_vs_eager"] = (out - sample()).abs().max().item()
+            sample = partial(graphed, obs, noise, NUM_STEPS)
         try:
-            ms = time_ms(partial(model.sample_actions, obs, num_steps=NUM_STEPS), device, warmup(device, 3), repeats)
+            ms = time_ms(sample, device, warmup(device, 3), repeats)
         except torch.cuda.OutOfMemoryError:
             row.update(latency_ms=OOM, chunks_per_s=OOM, tflops=OOM, frac_peak=OOM)
         else:
@@ -228,12 +251,15 @@ def bench_training(
 
 
 INFER_COLUMNS: list[Column] = [
+    ("mode", "mode", "s"),
     ("batch", "batch", "d"),
     ("latency_ms", "latency (ms, median)", ".1f"),
     ("chunks_per_s", "chunks/s", ".1f"),
     ("tflop_per_call", "TFLOP per call", ".2f"),
     ("tflops", "achieved TFLOP/s", ".1f"),
     ("frac_peak", "fraction of peak", ".3f"),
+    ("capture_s", "graph capture (s)", ".1f"),
+    ("max_abs_diff_vs_eager", "max abs diff vs eager", ".1e"),
 ]
 TRAIN_COLUMNS: list[Column] = [
     ("loss", "loss", "s"),
@@ -283,6 +309,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "--batch-single", type=int, help="batch of the single-branch step (16 if trained, else the first train batch)"
     )
     parser.add_argument("--repeats", type=int, default=20, help="timed inference runs (training steps: n/4)")
+    parser.add_argument("--infer-modes", nargs="+", default=["eager"], choices=["eager", "drop-cam", "graph"])
     parser.add_argument("--skip-infer", action="store_true")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--out", type=Path, help="also write the tables as JSON here")
@@ -312,7 +339,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not args.skip_infer:
         print(f"\n### sample_actions ({NUM_STEPS} steps, horizon {config.action_horizon}, 3rd camera masked)\n")
         print(markdown(INFER_COLUMNS, []), flush=True)
-        results["inference"] = bench_inference(model, device, args.batches_infer, args.repeats, peak)
+        results["inference"] = []
+        for mode in args.infer_modes:
+            results["inference"] += bench_inference(model, device, args.batches_infer, args.repeats, peak, mode)
     if not args.skip_train:
         print(f"\n### training step (AdamW, chunks padded to {config.action_horizon}, {EXECUTED_ROWS} executed)\n")
         print(markdown(TRAIN_COLUMNS, []), flush=True)

@@ -185,9 +185,9 @@ class JointGemma(nn.Module):
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         table = self.embed_tokens.weight
-        # openpi casts sqrt(width) to the table dtype before the multiply
-        scale = torch.tensor(self.configs[0].width ** 0.5, dtype=table.dtype)
-        return F.embedding(tokens, table) * scale.to(table.device)
+        # openpi casts sqrt(width) to the table dtype before the multiply (a Python float: no host-device copy)
+        scale = float(torch.tensor(self.configs[0].width ** 0.5, dtype=table.dtype))
+        return F.embedding(tokens, table) * scale
 
     def forward(
         self,

@@ -197,13 +197,11 @@ class PI0(nn.Module):
         time_emb = posemb_sincos(time, cfg.action_expert.width)
         action_tokens = self.action_in_proj(x_t.float())
         tokens: list[torch.Tensor] = []
-        ar: list[bool] = []
         if cfg.pi05:
             adarms = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(time_emb))))
         else:
             adarms = None
             tokens.append(self.state_proj(state.float())[:, None])
-            ar.append(True)
             mixed = torch.cat([action_tokens, time_emb[:, None].expand(b, h, -1)], dim=-1)
             action_tokens = self.action_time_mlp_out(F.silu(self.action_time_mlp_in(mixed)))
         if cond is not None:
@@ -211,10 +209,12 @@ class PI0(nn.Module):
                 raise ValueError("this model has no CFG condition embedding (see add_cfg_conditions)")
             action_tokens = action_tokens + self.cfg_embed(cond)[:, None]
         tokens.append(action_tokens)
-        ar += [True] + [False] * (h - 1)
         out = torch.cat(tokens, dim=1)
         mask = torch.ones(out.shape[:2], dtype=torch.bool, device=out.device)
-        return out, mask, torch.tensor(ar, device=out.device), adarms
+        # [state: 1,] actions: 1, 0, ..., 0 -- built with device fills (no host copy: CUDA-graph capturable)
+        ar_mask = torch.zeros(out.shape[1], dtype=torch.bool, device=out.device)
+        ar_mask[: 1 if cfg.pi05 else 2] = True
+        return out, mask, ar_mask, adarms
 
     # ------------------------------------------------------------------ training
 
@@ -321,7 +321,8 @@ class PI0(nn.Module):
             cond = torch.full((b,), COND_POSITIVE if guidance == 1.0 else COND_NULL, device=device)
             return lambda x, t: self.denoise_step(prefix, state, x, t, cond)
         both = prefix.expand(2)  # rows [i, i] = (null, positive) of element i
-        conds = torch.tensor([COND_NULL, COND_POSITIVE], device=device).repeat(b)
+        conds = torch.full((2 * b,), COND_NULL, dtype=torch.long, device=device)
+        conds[1::2] = COND_POSITIVE
         state2 = state.repeat_interleave(2, 0)
 
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

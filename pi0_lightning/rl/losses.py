@@ -92,7 +92,8 @@ def cfg_loss(
 
     if config.variant == "two_branch":
         both = prefix.expand(2)  # rows (2i, 2i+1) = (null, positive) of sample i, one prefix pass
-        conds = torch.tensor([COND_NULL, COND_POSITIVE], device=device).repeat(b)
+        conds = torch.full((2 * b,), COND_NULL, dtype=torch.long, device=device)
+        conds[1::2] = COND_POSITIVE
         v = model.denoise_step(
             both, obs.state.repeat_interleave(2, 0), x_t.repeat_interleave(2, 0), time.repeat_interleave(2, 0), conds
         )

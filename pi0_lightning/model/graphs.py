@@ -1,0 +1,80 @@
+"""`sample_actions` captured as one CUDA graph per input signature, replayed with new inputs.
+
+At small batch an eager PI0 call is host-bound: hundreds of small kernels per Euler step. Capturing the whole call
+(prefix pass, 10 denoise steps) once and replaying it removes the launch overhead. Inputs are copied into static
+buffers captured with the graph; parameters are referenced by address, so in-place optimizer updates (AdamW) are
+seen by later replays, while re-allocating parameters (`.to()`, `load_state_dict(assign=True)`) needs `reset()`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pi0_lightning.model.observation import Observation
+from pi0_lightning.model.pi0 import PI0
+
+
+def _signature(obs: Observation, noise: torch.Tensor, num_steps: int, guidance: float | None) -> tuple:
+    images = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(obs.images.items()))
+    return (images, tuple(obs.tokenized_prompt.shape), tuple(noise.shape), num_steps, guidance)
+
+
+def _static_copy(obs: Observation) -> Observation:
+    return Observation(
+        images={k: v.clone() for k, v in obs.images.items()},
+        image_masks={k: v.clone() for k, v in obs.image_masks.items()},
+        state=obs.state.clone(),
+        tokenized_prompt=obs.tokenized_prompt.clone(),
+        tokenized_prompt_mask=obs.tokenized_prompt_mask.clone(),
+    )
+
+
+def _copy_into(dst: Observation, src: Observation) -> None:
+    for k in dst.images:
+        dst.images[k].copy_(src.images[k], non_blocking=True)
+        dst.image_masks[k].copy_(src.image_masks[k], non_blocking=True)
+    dst.state.copy_(src.state, non_blocking=True)
+    dst.tokenized_prompt.copy_(src.tokenized_prompt, non_blocking=True)
+    dst.tokenized_prompt_mask.copy_(src.tokenized_prompt_mask, non_blocking=True)
+
+
+class _Captured:
+    def __init__(self, model: PI0, obs: Observation, noise: torch.Tensor, num_steps: int, guidance: float | None):
+        self.obs = _static_copy(obs)
+        self.noise = noise.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.no_grad():  # warm-up (allocator, cuBLAS handles) outside the capture
+            for _ in range(2):
+                model.sample_actions(self.obs, noise=self.noise, num_steps=num_steps, guidance=guidance)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            self.out = model.sample_actions(self.obs, noise=self.noise, num_steps=num_steps, guidance=guidance)
+
+    def __call__(self, obs: Observation, noise: torch.Tensor) -> torch.Tensor:
+        _copy_into(self.obs, obs)
+        self.noise.copy_(noise, non_blocking=True)
+        self.graph.replay()
+        return self.out.clone()
+
+
+class CUDAGraphSampler:
+    """Drop-in for `model.sample_actions(obs, noise, num_steps, guidance)` on CUDA; one graph per signature."""
+
+    def __init__(self, model: PI0):
+        self.model = model
+        self._graphs: dict[tuple, _Captured] = {}
+
+    def __call__(
+        self, obs: Observation, noise: torch.Tensor, num_steps: int = 10, guidance: float | None = None
+    ) -> torch.Tensor:
+        if noise.device.type != "cuda":
+            return self.model.sample_actions(obs, noise=noise, num_steps=num_steps, guidance=guidance)
+        key = _signature(obs, noise, num_steps, guidance)
+        if key not in self._graphs:
+            self._graphs[key] = _Captured(self.model, obs, noise, num_steps, guidance)
+        return self._graphs[key](obs, noise)
+
+    def reset(self) -> None:
+        self._graphs.clear()

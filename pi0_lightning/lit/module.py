@@ -48,15 +48,6 @@ class OptimConfig:
     min_lr: float = 2.5e-6
 
 
-class GuidedLiberoPolicy(LiberoPolicy):
-    """LiberoPolicy sampling with a fixed CFG guidance weight."""
-
-    guidance: float | None = None
-
-    def sample(self, obs, noise):
-        return self.model.sample_actions(obs, noise=noise, num_steps=self.num_steps, guidance=self.guidance)
-
-
 class PI0RLModule(L.LightningModule):
     def __init__(
         self,
@@ -74,6 +65,7 @@ class PI0RLModule(L.LightningModule):
         rollout_guidance: float = 1.0,
         eval_guidance: list[float] | None = None,
         num_denoise_steps: int = 10,
+        cuda_graphs: bool = False,
         delta_actions: bool | None = None,
         norm_mode: Literal["zscore", "quantile"] | None = None,
         seed: int = 0,
@@ -94,6 +86,7 @@ class PI0RLModule(L.LightningModule):
             rollout_guidance: CFG weight w used to collect training rollouts (1 = positive-conditioned policy).
             eval_guidance: CFG weights evaluated in validation; the first is logged as val/success_rate.
             num_denoise_steps: Euler steps of the flow sampler.
+            cuda_graphs: on CUDA, replay rollout sampling as CUDA graphs (one capture per batch size).
             delta_actions: checkpoint trained with openpi's delta-action transform (default: pi0 yes, pi05 no;
                 random models: the environment's default).
             norm_mode: zscore (pi0) or quantile (pi05); default by model type.
@@ -107,7 +100,7 @@ class PI0RLModule(L.LightningModule):
         self.eval_guidance = list(eval_guidance) if eval_guidance else [1.0]
         self.model: PI0 | None = None
         self.rollout_metrics: dict[str, float] = {}
-        self._policy: GuidedLiberoPolicy | None = None
+        self._policy: LiberoPolicy | None = None
         self._generator = torch.Generator().manual_seed(seed)
         self.tokenizer_path: Path | None = None
         self.norm_stats: dict | None = None
@@ -196,7 +189,7 @@ class PI0RLModule(L.LightningModule):
             return not self.model.config.pi05
         return dm.spec.delta_actions if dm is not None and dm.spec is not None else False
 
-    def rollout_policy(self, guidance: float | None = None) -> GuidedLiberoPolicy:
+    def rollout_policy(self, guidance: float | None = None) -> LiberoPolicy:
         """The current model as a LIBERO chunk policy (same weights; no copy)."""
         if self._policy is None:
             mode = self.hparams.norm_mode or ("quantile" if self.model.config.pi05 else "zscore")
@@ -207,7 +200,14 @@ class PI0RLModule(L.LightningModule):
                 image_size=self.model.config.vision.image_size,
             )
             tok = PromptTokenizer.from_file(self.tokenizer_path, max_len=self.model.config.max_token_len)
-            self._policy = GuidedLiberoPolicy(self.model, tok, transforms, self.hparams.num_denoise_steps, self.device)
+            self._policy = LiberoPolicy(
+                self.model,
+                tok,
+                transforms,
+                self.hparams.num_denoise_steps,
+                self.device,
+                cuda_graphs=self.hparams.cuda_graphs and self.device.type == "cuda",
+            )
         self._policy.device = self.device
         self._policy.guidance = self.hparams.rollout_guidance if guidance is None else guidance
         return self._policy

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pi0_lightning.model.graphs import CUDAGraphSampler
 from pi0_lightning.model.observation import Observation
 from pi0_lightning.model.pi0 import PI0
 from pi0_lightning.policy.tokenizer import PromptTokenizer, find_tokenizer_file
@@ -41,6 +42,7 @@ class LiberoPolicy:
         num_steps: int = 10,
         device: str | torch.device = "cpu",
         drop_masked_cameras: bool = True,
+        cuda_graphs: bool = False,
     ):
         if tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(
@@ -54,6 +56,8 @@ class LiberoPolicy:
         # a camera masked in every row (LIBERO's absent right wrist) contributes nothing: its tokens are excluded from
         # attention and do not move positions, so leaving it out gives the same outputs for a third less compute
         self.drop_masked_cameras = drop_masked_cameras
+        # replay sample_actions as CUDA graphs (one capture per batch size; ~5x faster at small batch on an H100)
+        self.graphs = CUDAGraphSampler(model) if cuda_graphs else None
         self.action_horizon = model.config.action_horizon
         self._prompt_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -116,9 +120,14 @@ class LiberoPolicy:
             tokenized_prompt_mask=torch.from_numpy(np.stack([x.token_mask for x in inputs])),
         ).to(device if device is not None else self.device)
 
+    guidance: float | None = None
+    """CFG weight w (None: plain sampling; needs a model trained with CFG conditions otherwise)."""
+
     def sample(self, obs: Observation, noise: torch.Tensor) -> torch.Tensor:
-        """Model-space action chunks; the RL module overrides this to add guidance."""
-        return self.model.sample_actions(obs, noise=noise, num_steps=self.num_steps)
+        """Model-space action chunks."""
+        if self.graphs is not None:
+            return self.graphs(obs, noise, self.num_steps, self.guidance)
+        return self.model.sample_actions(obs, noise=noise, num_steps=self.num_steps, guidance=self.guidance)
 
     @torch.no_grad()
     def act(self, inputs: list[PolicyInput], seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -17,7 +17,8 @@ class SafetensorsExport(L.Callback):
         self.dirpath = Path(dirpath)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
-            out = pl_module.export_pretrained(self.dirpath)
-            print(f"policy exported to {out.resolve()} (PI0.from_pretrained)")
+        with pl_module.full_parameters():  # FSDP: every rank gathers, rank 0 writes
+            if trainer.is_global_zero:
+                out = pl_module.export_pretrained(self.dirpath)
+                print(f"policy exported to {out.resolve()} (PI0.from_pretrained)")
         trainer.strategy.barrier("safetensors_export")

@@ -138,7 +138,8 @@ class RolloutDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         module = self.trainer.lightning_module
         policy = module.rollout_policy()
-        samples, metrics = self.collect_iteration(policy, self.trainer.current_epoch)
+        with module.full_parameters():
+            samples, metrics = self.collect_iteration(policy, self.trainer.current_epoch)
         module.rollout_metrics = metrics
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.trainer.current_epoch)
         return DataLoader(

@@ -14,8 +14,10 @@ with.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -189,6 +191,27 @@ class PI0RLModule(L.LightningModule):
             return not self.model.config.pi05
         return dm.spec.delta_actions if dm is not None and dm.spec is not None else False
 
+    def _fsdp_root(self):
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        trainer = self._trainer
+        if trainer is not None and isinstance(trainer.strategy, FSDPStrategy):
+            return trainer.strategy.model
+        return None
+
+    @contextlib.contextmanager
+    def full_parameters(self) -> Iterator[None]:
+        """Rollouts and export call the model outside `forward()`; under FSDP, gather the full parameters for them
+        (a collective: every rank enters it). A no-op for other strategies."""
+        root = self._fsdp_root()
+        if root is None:
+            yield
+            return
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.summon_full_params(root, writeback=False, recurse=True):
+            yield
+
     def rollout_policy(self, guidance: float | None = None) -> LiberoPolicy:
         """The current model as a LIBERO chunk policy (same weights; no copy)."""
         if self._policy is None:
@@ -206,7 +229,8 @@ class PI0RLModule(L.LightningModule):
                 transforms,
                 self.hparams.num_denoise_steps,
                 self.device,
-                cuda_graphs=self.hparams.cuda_graphs and self.device.type == "cuda",
+                # gathered FSDP parameters are freed after each rollout, so captured graphs would point at freed memory
+                cuda_graphs=self.hparams.cuda_graphs and self.device.type == "cuda" and self._fsdp_root() is None,
             )
         self._policy.device = self.device
         self._policy.guidance = self.hparams.rollout_guidance if guidance is None else guidance
@@ -273,7 +297,8 @@ class PI0RLModule(L.LightningModule):
         for i, w in enumerate(self.eval_guidance):
             policy = self.rollout_policy(guidance=w)
             collector = dm.collector(policy, seed=hash((dm.seed, "val", batch_idx, i)) & 0x7FFFFFFF)
-            results, _ = collector.collect(batch, desc=f"eval w={w}")
+            with self.full_parameters():
+                results, _ = collector.collect(batch, desc=f"eval w={w}")
             real = [r for r in results if r.valid and not r.request.pad]
             if real:
                 self.val_metrics[i].update(

@@ -8,9 +8,12 @@ from typing import Any, Protocol
 import numpy as np
 
 
-@dataclass(frozen=True)
+@dataclass
 class EpisodeRequest:
-    """One episode to run: a context (task, initial state) plus bookkeeping for RL groups and videos."""
+    """One episode to run: a context (task, initial state) plus bookkeeping for RL groups and videos.
+
+    Not frozen: validation batches of requests pass through strategy input hooks (FSDP, Lightning's device transfer)
+    that rebuild dataclasses field by field."""
 
     task_id: int
     init_state: int

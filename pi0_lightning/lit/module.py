@@ -297,8 +297,9 @@ class PI0RLModule(L.LightningModule):
         for i, w in enumerate(self.eval_guidance):
             policy = self.rollout_policy(guidance=w)
             collector = dm.collector(policy, seed=hash((dm.seed, "val", batch_idx, i)) & 0x7FFFFFFF)
-            with self.full_parameters():
-                results, _ = collector.collect(batch, desc=f"eval w={w}")
+            # validation_step runs inside the (FSDP) root forward: the wrapped JointLayer / SiglipBlock units
+            # gather their own parameters when called, so no manual gathering here (FSDP forbids it)
+            results, _ = collector.collect(batch, desc=f"eval w={w}")
             real = [r for r in results if r.valid and not r.request.pad]
             if real:
                 self.val_metrics[i].update(

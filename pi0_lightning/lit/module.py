@@ -344,12 +344,23 @@ class PI0RLModule(L.LightningModule):
     # ------------------------------------------------------------------ export
 
     def export_pretrained(self, path: str | Path) -> Path:
-        """The policy as a pi0_lightning checkpoint directory (safetensors), LoRA merged, loadable by PI0."""
-        import copy
+        """The policy as a pi0_lightning checkpoint directory (safetensors, float32, LoRA merged), loadable by PI0.
 
+        Reads parameters by name, so it also works on FSDP-wrapped models inside `full_parameters()`.
+        """
+        import dataclasses
+
+        from pi0_lightning.checkpoint import build_model
         from pi0_lightning.model.lora import merge_lora
 
-        model = copy.deepcopy(self.model).float().cpu()
+        def clean(name: str) -> str:  # FSDP / activation-checkpoint wrappers insert these into parameter names
+            return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+
+        state = {clean(n): p.detach().to("cpu", torch.float32) for n, p in self.model.named_parameters()}
+        model = build_model(dataclasses.replace(self.model.config, dtype="float32"))
+        if self.hparams.trainable == "lora":
+            apply_lora(model.llm, self.hparams.lora_rank, self.hparams.lora_alpha)
+        model.load_state_dict(state, assign=True)
         merge_lora(model)
         model.apply_dtype_policy("float32")
         model.save_pretrained(path, norm_stats=self.norm_stats, tokenizer_path=self.tokenizer_path, overwrite=True)

@@ -73,3 +73,24 @@ def test_warmup_then_cosine_to_min_lr():
 def test_unknown_trainable_mode_rejected():
     with pytest.raises(ValueError, match="trainable must be"):
         PI0RLModule(variant="pi0_tiny", trainable="half").configure_model()
+
+
+def test_export_merges_lora_and_loads_as_plain_pi0(tmp_path):
+    from pi0_lightning.envs.spec import identity_norm_stats
+    from pi0_lightning.model.pi0 import PI0
+    from pi0_lightning.policy.tokenizer import train_small_tokenizer
+
+    m = PI0RLModule(variant="pi0_tiny", trainable="lora", lora_rank=4)
+    m.configure_model()
+    with torch.no_grad():
+        for mod in m.model.modules():
+            if isinstance(mod, LoRALinear):
+                mod.lora_b.normal_(0, 0.01)
+    m.norm_stats = identity_norm_stats()
+    m.tokenizer_path = train_small_tokenizer(["reach the red target"], tmp_path / "t.model")
+    obs = random_observation(m.model.config)
+    noise = torch.randn(2, m.model.config.action_horizon, 32)
+    expected = m.model.sample_actions(obs, noise=noise, num_steps=2)
+    loaded = PI0.from_pretrained(m.export_pretrained(tmp_path / "export"))
+    assert not any("lora" in n for n, _ in loaded.named_parameters())
+    torch.testing.assert_close(loaded.sample_actions(obs, noise=noise, num_steps=2), expected, atol=1e-4, rtol=1e-4)

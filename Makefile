@@ -12,6 +12,11 @@ PYTEST_ARGS ?=
 install: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml
+	@# headless MuJoCo rendering (EGL, software Mesa when there is no GPU); installed only if missing
+	@ldconfig -p | grep -q 'libEGL.so.1' || { command -v apt-get >/dev/null && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	   libegl1 libegl-mesa0 libgl1-mesa-dri libgl1 libopengl0 libgbm1 >/dev/null) || \
+	  echo "warning: libEGL.so.1 not found and could not be installed; LIBERO rendering needs EGL (or MUJOCO_GL=osmesa)"; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==$(TORCH_VERSION)

@@ -53,8 +53,8 @@ class MLflowRunFile(L.Callback):
 
 
 class SuccessRatePlot(L.Callback):
-    """After each validation, plot val/success_rate (and rollout success) per iteration to success_rate.png and log
-    it to MLflow (rank 0)."""
+    """Plot rollout success (every iteration) and val/success_rate (every validation) to success_rate.png after each
+    validation and at the end of fit, and log it to MLflow (rank 0)."""
 
     def __init__(self, dirpath: str = "runs/plots"):
         """
@@ -64,15 +64,25 @@ class SuccessRatePlot(L.Callback):
         self.dirpath = Path(dirpath)
         self.history: dict[str, list[tuple[int, float]]] = {}
 
-    def _record(self, trainer: L.Trainer) -> None:
-        for key in ("val/success_rate", "rollout/success_rate"):
-            if key in trainer.callback_metrics:
-                self.history.setdefault(key, []).append((trainer.current_epoch, float(trainer.callback_metrics[key])))
+    def _record(self, trainer: L.Trainer, key: str) -> None:
+        if key in trainer.callback_metrics:
+            self.history.setdefault(key, []).append((trainer.current_epoch, float(trainer.callback_metrics[key])))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:  # rollout success of this iteration (logged at its start)
+            self._record(trainer, "rollout/success_rate")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        self._record(trainer)
+        self._record(trainer, "val/success_rate")
+        self._plot(trainer)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero and self.history:
+            self._plot(trainer)
+
+    def _plot(self, trainer: L.Trainer) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
@@ -86,7 +96,8 @@ class SuccessRatePlot(L.Callback):
         ax.set_ylabel("success rate")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-        ax.legend(loc="best", fontsize=8)
+        if self.history:
+            ax.legend(loc="best", fontsize=8)
         fig.tight_layout()
         self.dirpath.mkdir(parents=True, exist_ok=True)
         path = self.dirpath / "success_rate.png"

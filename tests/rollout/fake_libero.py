@@ -2,7 +2,8 @@
 
 A 1-D point starts at `init_state` and moves by action[0] per step; the episode succeeds when it reaches
 `goal + task_id`. Images (2x2x3 uint8 filled with the position) are returned only after `set_render(True)`.
-If `crash_flag` names an existing file, the worker deletes it and dies at the first step past `crash_at`.
+If `crash_flag` names an existing file, the first worker to claim it (atomic rename) dies at its first step past
+`crash_at`.
 """
 
 from __future__ import annotations
@@ -35,9 +36,13 @@ class PointEnv:
 
     def step(self, action):
         self.steps += 1
-        if self.crash_flag and self.steps > self.crash_at and os.path.exists(self.crash_flag):
-            os.remove(self.crash_flag)
-            os._exit(3)
+        if self.crash_flag and self.steps > self.crash_at:
+            try:  # claim the flag atomically: exactly one worker crashes, even when several reach it together
+                os.rename(self.crash_flag, self.crash_flag + ".claimed")
+            except FileNotFoundError:
+                pass
+            else:
+                os._exit(3)
         self.pos += int(round(float(action[0])))
         success = self.pos >= self.goal + self.task_id
         return self._obs(), float(success), success, False, {}

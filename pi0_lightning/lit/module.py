@@ -296,7 +296,7 @@ class PI0RLModule(L.LightningModule):
         dm = self.trainer.datamodule
         for i, w in enumerate(self.eval_guidance):
             policy = self.rollout_policy(guidance=w)
-            collector = dm.collector(policy, seed=hash((dm.seed, "val", batch_idx, i)) & 0x7FFFFFFF)
+            collector = dm.collector(policy, seed=hash((dm.seed, 1_000_003, batch_idx, i)) & 0x7FFFFFFF)
             # validation_step runs inside the (FSDP) root forward: the wrapped JointLayer / SiglipBlock units
             # gather their own parameters when called, so no manual gathering here (FSDP forbids it)
             results, _ = collector.collect(batch, desc=f"eval w={w}")

@@ -60,12 +60,9 @@ def main(argv: list[str] | None = None) -> int:
           f"z = {z:.2f}, one-sided p = {pval:.2g}")  # fmt: skip
     val = [m for m in metrics if m.get("val/success_rate")]
     if val:
-        print(
-            "\n| epoch | val success w=first | "
-            + " | ".join(k for k in val[0] if k.startswith("val/success_rate_w"))
-            + " |"
-        )
         keys = [k for k in val[0] if k.startswith("val/success_rate_w")]
+        print("\n| epoch | val success (first w) | " + " | ".join(keys) + " |")
+        print("|" + "---|" * (2 + len(keys)))
         for m in val:
             print(f"| {m['epoch']} | {float(m['val/success_rate']):.3f} | "
                   + " | ".join(f"{float(m[k]):.3f}" for k in keys if m.get(k)) + " |")  # fmt: skip

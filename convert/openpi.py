@@ -20,6 +20,7 @@ import torch
 from pi0_lightning.convert.errors import ConversionError
 from pi0_lightning.convert.orbax import to_torch
 from pi0_lightning.model.config import GemmaConfig, PI0Config, SiglipConfig
+from pi0_lightning.model.pi0_fast import PI0FASTConfig
 
 IMG = "PaliGemma/img"
 LLM = "PaliGemma/llm"
@@ -57,17 +58,10 @@ def infer_config(params: dict[str, np.ndarray], **overrides) -> PI0Config:
     defaults are openpi's (50; 48 for pi0, 200 for pi05) unless overridden."""
     kind = detect_kind(params)
     if kind == "pi0_fast":
-        raise ConversionError("PI0-FAST checkpoints are not supported yet (single-expert tree detected)")
-    kh, kw, _, width = _get(params, f"{IMG}/embedding/kernel").shape
-    num_patches = _get(params, f"{IMG}/pos_embedding").shape[1]
-    vision = SiglipConfig(
-        width=width,
-        depth=_get(params, f"{ENC}/LayerNorm_0/scale").shape[0],
-        mlp_dim=_get(params, f"{ENC}/MlpBlock_0/Dense_0/kernel").shape[-1],
-        num_heads=_get(params, f"{ENC}/MultiHeadDotProductAttention_0/query/kernel").shape[2],
-        patch_size=kh,
-        image_size=int(math.isqrt(num_patches)) * kh,
-    )
+        raise ConversionError(
+            "PI0-FAST checkpoints cannot be converted to a checkpoint directory yet (single-expert tree detected)"
+        )
+    vision = _vision_config(params)
     pi05 = kind == "pi05"
     cfg = {
         "pi05": pi05,
@@ -82,12 +76,39 @@ def infer_config(params: dict[str, np.ndarray], **overrides) -> PI0Config:
     return PI0Config(**cfg)
 
 
+def _vision_config(params: dict[str, np.ndarray]) -> SiglipConfig:
+    kh, kw, _, width = _get(params, f"{IMG}/embedding/kernel").shape
+    num_patches = _get(params, f"{IMG}/pos_embedding").shape[1]
+    return SiglipConfig(
+        width=width,
+        depth=_get(params, f"{ENC}/LayerNorm_0/scale").shape[0],
+        mlp_dim=_get(params, f"{ENC}/MlpBlock_0/Dense_0/kernel").shape[-1],
+        num_heads=_get(params, f"{ENC}/MultiHeadDotProductAttention_0/query/kernel").shape[2],
+        patch_size=kh,
+        image_size=int(math.isqrt(num_patches)) * kh,
+    )
+
+
+def infer_fast_config(params: dict[str, np.ndarray], **overrides) -> PI0FASTConfig:
+    """PI0-FAST config from parameter shapes (single Gemma, no action heads)."""
+    if detect_kind(params) != "pi0_fast":
+        raise ConversionError("not a PI0-FAST parameter tree (it has an action expert)")
+    cfg = {
+        "vision": _vision_config(params),
+        "paligemma": _gemma_config(params, ""),
+        "vocab_size": _get(params, f"{LLM}/embedder/input_embedding").shape[0],
+    }
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    return PI0FASTConfig(**cfg)
+
+
 def _t(a: np.ndarray) -> torch.Tensor:
     return to_torch(np.ascontiguousarray(a))
 
 
-def openpi_to_state_dict(params: dict[str, np.ndarray], config: PI0Config) -> dict[str, torch.Tensor]:
+def openpi_to_state_dict(params: dict[str, np.ndarray], config: PI0Config | PI0FASTConfig) -> dict[str, torch.Tensor]:
     """Map every openpi leaf to our names; raises on leaves it does not know (none may be silently dropped)."""
+    fast = isinstance(config, PI0FASTConfig)
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
 
@@ -122,8 +143,8 @@ def openpi_to_state_dict(params: dict[str, np.ndarray], config: PI0Config) -> di
 
     # --- Gemma experts
     out["llm.embed_tokens.weight"] = _t(take(f"{LLM}/embedder/input_embedding"))
-    adarms = (False, config.pi05)
-    for e, sfx in enumerate(("", "_1")):
+    adarms = (False,) if fast else (False, config.pi05)
+    for e, sfx in enumerate(("",) if fast else ("", "_1")):
         for i in range(config.paligemma.depth):
             p = f"llm.layers.{i}.experts.{e}"
             q = take(f"{LLM}/layers/attn/q_einsum{sfx}/w")[i]  # (N, D, H)
@@ -150,10 +171,12 @@ def openpi_to_state_dict(params: dict[str, np.ndarray], config: PI0Config) -> di
             out[f"llm.norms.{e}.weight"] = _t(take(f"{LLM}/final_norm{sfx}/scale"))
 
     # --- projections (top level, same names as openpi)
-    heads = ["action_in_proj", "action_out_proj"]
-    heads += (
-        ["time_mlp_in", "time_mlp_out"] if config.pi05 else ["state_proj", "action_time_mlp_in", "action_time_mlp_out"]
-    )
+    if fast:
+        heads = []
+    elif config.pi05:
+        heads = ["action_in_proj", "action_out_proj", "time_mlp_in", "time_mlp_out"]
+    else:
+        heads = ["action_in_proj", "action_out_proj", "state_proj", "action_time_mlp_in", "action_time_mlp_out"]
     for name in heads:
         out[f"{name}.weight"] = _t(take(f"{name}/kernel").T)
         out[f"{name}.bias"] = _t(take(f"{name}/bias"))

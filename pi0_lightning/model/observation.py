@@ -15,6 +15,7 @@ class Observation:
     image_masks: camera name -> (B,) bool; a False camera's tokens are excluded from attention.
     state: (B, action_dim) normalised and zero-padded proprioceptive state.
     tokenized_prompt: (B, L) long, right-padded; tokenized_prompt_mask: (B, L) bool.
+    token_ar_mask, token_loss_mask: (B, L), PI0-FAST only (1 / True on the action postfix).
     """
 
     images: dict[str, torch.Tensor]
@@ -22,6 +23,8 @@ class Observation:
     state: torch.Tensor
     tokenized_prompt: torch.Tensor
     tokenized_prompt_mask: torch.Tensor
+    token_ar_mask: torch.Tensor | None = None
+    token_loss_mask: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -34,6 +37,8 @@ class Observation:
             state=self.state.to(device),
             tokenized_prompt=self.tokenized_prompt.to(device),
             tokenized_prompt_mask=self.tokenized_prompt_mask.to(device),
+            token_ar_mask=None if self.token_ar_mask is None else self.token_ar_mask.to(device),
+            token_loss_mask=None if self.token_loss_mask is None else self.token_loss_mask.to(device),
         )
 
     def index(self, idx: torch.Tensor | slice) -> Observation:
@@ -44,6 +49,8 @@ class Observation:
             state=self.state[idx],
             tokenized_prompt=self.tokenized_prompt[idx],
             tokenized_prompt_mask=self.tokenized_prompt_mask[idx],
+            token_ar_mask=None if self.token_ar_mask is None else self.token_ar_mask[idx],
+            token_loss_mask=None if self.token_loss_mask is None else self.token_loss_mask[idx],
         )
 
     @staticmethod
@@ -56,5 +63,10 @@ class Observation:
                 f.name: torch.cat([getattr(o, f.name) for o in observations])
                 for f in fields(Observation)
                 if f.name in ("state", "tokenized_prompt", "tokenized_prompt_mask")
+            },
+            **{
+                name: torch.cat([getattr(o, name) for o in observations])
+                for name in ("token_ar_mask", "token_loss_mask")
+                if getattr(first, name) is not None
             },
         )

@@ -1,0 +1,86 @@
+"""PI0-FAST training forward vs openpi's JAX outputs on the pi0_fast_tiny fixture (decoding comes later)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pi0_lightning.model.config import IMAGE_KEYS
+from pi0_lightning.model.observation import Observation
+from pi0_lightning.model.pi0 import make_attn_mask
+from pi0_lightning.model.pi0_fast import PI0FAST
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def case(openpi_fixtures):
+    pytest.importorskip("tensorstore")
+    from pi0_lightning.convert.openpi import infer_fast_config, openpi_to_state_dict
+    from pi0_lightning.convert.orbax import read_openpi_params
+
+    root = openpi_fixtures / "pi0_fast_tiny"
+    params = read_openpi_params(root)
+    config = infer_fast_config(params)
+    with torch.device("meta"):
+        model = PI0FAST(config)
+    # the fixture stores bfloat16 leaves; openpi's references upcast them exactly to float32
+    model.load_state_dict(openpi_to_state_dict(params, config), assign=True)
+    model = model.float().eval()
+    ref = np.load(root / "reference.npz")
+
+    def t(key: str) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(ref[key]))
+
+    obs = Observation(
+        images={k: t(f"image_{k}").permute(0, 3, 1, 2).contiguous() for k in IMAGE_KEYS},
+        image_masks={k: t(f"image_mask_{k}") for k in IMAGE_KEYS},
+        state=t("state"),
+        tokenized_prompt=t("train_tokenized_prompt").long(),
+        tokenized_prompt_mask=t("train_tokenized_prompt_mask"),
+        token_ar_mask=t("train_token_ar_mask"),
+        token_loss_mask=t("train_token_loss_mask"),
+    )
+    return model, t, obs
+
+
+def err(a, b) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def test_config_detected_from_the_tree(case):
+    model, _, _ = case
+    cfg = model.config
+    assert (cfg.paligemma.width, cfg.paligemma.depth, cfg.paligemma.num_heads, cfg.vocab_size) == (16, 2, 8, 257152)
+    assert sum(p.numel() for p in model.parameters()) == 4_174_592  # openpi's count
+
+
+@torch.no_grad()
+def test_masks(case):
+    model, t, obs = case
+    _, input_mask, ar = model.embed_inputs(obs)
+    assert torch.equal(input_mask, t("train_input_mask")) and torch.equal(ar, t("train_ar_mask").long())
+    assert torch.equal(make_attn_mask(input_mask, ar), t("train_attn_mask"))
+
+
+@torch.no_grad()
+def test_training_forward_matches_openpi(case):
+    model, t, obs = case
+    assert err(model.vision(obs.images["base_0_rgb"]), t("img_tokens_base_0_rgb")) <= TOL
+    pre = model.pre_logits(obs)
+    assert err(pre, t("train_pre_logits")) <= TOL
+    logits = model.logits(pre)
+    assert err(torch.logsumexp(logits, -1), t("train_logsumexp")) <= TOL
+    assert err(logits[..., t("logits_sel_ids").long()], t("train_logits_sel")) <= TOL
+    last = t("train_logits_last_index").long()
+    assert err(logits[torch.arange(3), last], t("train_logits_last")) <= TOL
+    assert err(model.token_logp(obs), t("train_target_logp")) <= TOL
+    assert err(model(obs), t("train_loss")) <= TOL
+
+
+def test_missing_fast_masks_are_clear_errors(case):
+    model, _, obs = case
+    bare = Observation(obs.images, obs.image_masks, obs.state, obs.tokenized_prompt, obs.tokenized_prompt_mask)
+    with pytest.raises(ValueError, match="token_ar_mask"):
+        model.pre_logits(bare)

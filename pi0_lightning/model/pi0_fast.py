@@ -5,9 +5,14 @@ The sequence is the images' tokens then the tokenised text (prefix `Task: ..., S
 next-token cross-entropy on the postfix only: the model sees the embeddings without the last token, positions are
 0..T-2 (arange, padding included, as openpi's training path), and logits are pre-logits times the tied embedding.
 
-Status: the training forward (per-token log-probabilities, logits, the loss) matches openpi; autoregressive decoding
-with openpi's left-aligned prefill and position gap, the FAST action tokenizer and the LOOP RL loss are not written
-yet (tracked in the PI0-FAST issue).
+Decoding follows openpi exactly, quirks included: each row is rolled so that its trailing padding comes first
+("left to right align"), the prefix is prefilled with positions cumsum(mask) - 1, the first token comes from the last
+prefix logit, and decoded token i sits at position prefill_len + i + 1 (a one-position gap after the prefix) and
+attends to every cache slot from the row's first valid token on (masked image tokens in the middle included).
+Decoding stops when every row has produced EOS, or after `max_decoding_steps`.
+
+Status: training forward and greedy/temperature decoding match openpi on the tiny fixture; the FAST action
+tokenizer and the LOOP RL loss are not written yet (tracked in the PI0-FAST issue).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from pi0_lightning.model.gemma import JointGemma
 from pi0_lightning.model.observation import Observation
 from pi0_lightning.model.pi0 import make_attn_mask
 from pi0_lightning.model.siglip import SiglipVision
+
+EOS_ID = 1
 
 
 @dataclass
@@ -107,3 +114,64 @@ class PI0FAST(nn.Module):
             raise ValueError("PI0-FAST training needs token_loss_mask (True on the action postfix)")
         mask = obs.token_loss_mask[:, 1:].float()
         return -(self.token_logp(obs) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+    @torch.no_grad()
+    def sample_tokens(
+        self,
+        obs: Observation,
+        max_decoding_steps: int = 256,
+        temperature: float = 0.0,
+        generator: torch.Generator | None = None,
+        return_logits: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Decode action tokens after the prompt: (B, max_decoding_steps) long, zeros after the stop.
+
+        With `return_logits`, also the full-vocabulary logits each token was chosen from (one (B, V) per step).
+        """
+        tokens, input_mask, ar = self.embed_inputs(obs)
+        attn = make_attn_mask(input_mask, ar)
+        b, s = input_mask.shape
+        idx = torch.arange(s, device=tokens.device)
+        # roll each row left by (last valid index + 1): its trailing padding moves to the front
+        seqlen = (input_mask.long() * idx).max(-1).values + 1
+        perm = (idx[None] + seqlen[:, None]) % s
+        tokens = tokens.gather(1, perm[..., None].expand(-1, -1, tokens.shape[-1]))
+        input_mask = input_mask.gather(1, perm)
+        attn = attn.gather(1, perm[:, :, None].expand(-1, -1, s)).gather(2, perm[:, None, :].expand(-1, s, -1))
+        prefill_len = input_mask.sum(-1)
+        prefix_start = s - prefill_len
+        positions = torch.cumsum(input_mask.long(), dim=1) - 1
+        # openpi prefills into a cache of prefill + max_decoding_steps zero slots, and its fully masked rows (masked
+        # cameras) spread a uniform softmax over all of them; later tokens attend to those rows' keys and values, so
+        # the empty slots are reproduced here (as zero keys/values that every prefix row masks out)
+        layer = self.llm.layers[0]
+        empty = torch.zeros(
+            b, layer.num_kv_heads, max_decoding_steps, layer.head_dim, dtype=tokens.dtype, device=tokens.device
+        )
+        no_slot = torch.zeros(b, s, max_decoding_steps, dtype=torch.bool, device=tokens.device)
+        (out,), cache = self.llm(
+            [tokens], positions, torch.cat([no_slot, attn], 2), kv_cache=[(empty, empty)] * len(self.llm.layers),
+            return_kv=True,
+        )  # fmt: skip
+        last = self.logits(out[:, -1])
+        output = torch.zeros(b, max_decoding_steps, dtype=torch.long, device=tokens.device)
+        step_logits = []
+        for step in range(max_decoding_steps):
+            step_logits.append(last)
+            if temperature > 0:
+                token = torch.multinomial(F.softmax(last / temperature, -1), 1, generator=generator)[:, 0]
+            else:
+                token = last.argmax(-1)
+            output[:, step] = token
+            if bool((token == EOS_ID).all()):
+                break
+            emb = self.llm.embed(token[:, None]).to(tokens.dtype)
+            pos = (prefill_len + step + 1)[:, None]
+            slots = torch.arange(s + step + 1, device=tokens.device)
+            mask = (slots[None] >= prefix_start[:, None])[:, None, :]
+            (out,), new = self.llm([emb], pos, mask, kv_cache=cache, return_kv=True)
+            cache = [
+                (torch.cat([k, nk], 2), torch.cat([v, nv], 2)) for (k, v), (nk, nv) in zip(cache, new, strict=True)
+            ]
+            last = self.logits(out[:, -1])
+        return (output, step_logits) if return_logits else output

@@ -84,3 +84,23 @@ def test_missing_fast_masks_are_clear_errors(case):
     bare = Observation(obs.images, obs.image_masks, obs.state, obs.tokenized_prompt, obs.tokenized_prompt_mask)
     with pytest.raises(ValueError, match="token_ar_mask"):
         model.pre_logits(bare)
+
+
+@torch.no_grad()
+def test_greedy_decoding_matches_openpi(case):
+    model, t, obs = case
+    infer = Observation(
+        obs.images,
+        obs.image_masks,
+        obs.state,
+        t("infer_tokenized_prompt").long(),
+        t("infer_tokenized_prompt_mask"),
+        token_ar_mask=t("infer_token_ar_mask"),
+        token_loss_mask=t("infer_token_loss_mask"),
+    )
+    tokens, step_logits = model.sample_tokens(infer, max_decoding_steps=8, return_logits=True)
+    assert torch.equal(tokens, t("decode_output_tokens").long())
+    logits = torch.stack(step_logits, 1)  # (B, 8, V): the logits each token was chosen from
+    assert err(torch.logsumexp(logits, -1), t("decode_step_logsumexp")) <= TOL
+    assert err(logits[..., t("logits_sel_ids").long()], t("decode_step_logits_sel")) <= TOL
+    assert err(logits.topk(2, -1).values, t("decode_step_top2_logits")) <= TOL

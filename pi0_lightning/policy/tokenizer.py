@@ -345,3 +345,47 @@ def train_small_tokenizer(texts: Sequence[str], path: str | Path, vocab_size: in
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(buffer.getvalue())
     return path
+
+
+EOS_ID = 1
+ACTION_CUE = "Action: "
+ACTION_END = "|"
+
+
+class FASTPromptTokenizer(PromptTokenizer):
+    """PI0-FAST prompts, as openpi's FASTTokenizer builds them.
+
+    prefix (ar 0, no loss): BOS + encode(f"Task: {clean}, State: {256-bin state};\\n"), where clean is lower-cased,
+    stripped, "_" -> " ", and the state is the quantile-normalised, unpadded robot state;
+    postfix (ar 1, loss; training only): encode("Action: ") + PaliGemma ids of the FAST tokens (257023 - k)
+    + encode("|") + EOS. Right-padded with 0 to `max_len` (openpi's pi0_fast_libero: 180).
+    """
+
+    def encode_fast(
+        self, prompt: str, state: np.ndarray, action_ids: Sequence[int] | None = None
+    ) -> dict[str, np.ndarray]:
+        from pi0_lightning.policy.fast import fast_to_paligemma
+
+        clean = _as_text(prompt).lower().strip().replace("_", " ")
+        state_str = " ".join(map(str, discretize_state(_as_state(state))))
+        prefix = [self.processor.bos_id] + self.processor.encode(f"Task: {clean}, State: {state_str};\n")
+        postfix: list[int] = []
+        if action_ids is not None:
+            postfix = self.processor.encode(ACTION_CUE) + [int(i) for i in fast_to_paligemma(list(action_ids))]
+            postfix += self.processor.encode(ACTION_END) + [EOS_ID]
+        tokens, mask = self.pad_or_truncate(prefix + postfix)
+        ar = np.zeros(self.max_len, dtype=np.int64)
+        ar[len(prefix) : len(prefix) + len(postfix)] = 1
+        loss = ar.astype(bool)
+        return {"tokens": tokens, "mask": mask, "ar_mask": ar & mask, "loss_mask": loss & mask}
+
+    def extract_action_ids(self, ids: Sequence[int]) -> list[int] | None:
+        """FAST ids from decoded PaliGemma ids: the text between "Action: " and "|", re-encoded and mapped back;
+        None if there is no "Action: " (openpi then returns zero actions)."""
+        from pi0_lightning.policy.fast import paligemma_to_fast
+
+        text = self.processor.decode([int(i) for i in ids if int(i) not in (PAD_ID, EOS_ID)])
+        if ACTION_CUE not in text:
+            return None
+        body = text.split(ACTION_CUE, 1)[1].split(ACTION_END, 1)[0].strip()
+        return [int(i) for i in paligemma_to_fast(self.processor.encode(body))]

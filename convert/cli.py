@@ -77,7 +77,11 @@ def convert_openpi(args: argparse.Namespace) -> Path:
     params_dir = resolve_params_dir(src)
     root = params_dir.parent if params_dir.name == "params" else src
     params = read_openpi_params(params_dir)
-    config = openpi.infer_config(params, action_horizon=args.action_horizon, max_token_len=args.max_token_len)
+    overrides = {"action_horizon": args.action_horizon, "max_token_len": args.max_token_len}
+    if openpi.detect_kind(params) == "pi0_fast":
+        config = openpi.infer_fast_config(params, **overrides)
+    else:
+        config = openpi.infer_config(params, **overrides)
     model = _load_model(config, openpi.openpi_to_state_dict(params, config))
     return save_pretrained(
         model,

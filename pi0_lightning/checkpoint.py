@@ -19,6 +19,7 @@ from pi0_lightning.convert.errors import ConversionError
 from pi0_lightning.convert.io import atomic_output_dir
 from pi0_lightning.model.config import PI0Config
 from pi0_lightning.model.pi0 import PI0
+from pi0_lightning.model.pi0_fast import PI0FAST, PI0FASTConfig
 
 FORMAT = "pi0_lightning"
 FORMAT_VERSION = 1
@@ -57,10 +58,10 @@ def check_state_dict(expected: dict[str, torch.Size], got: dict[str, torch.Size]
         raise CheckpointError(f"{source}: " + "; ".join(problems))
 
 
-def build_model(config: PI0Config, device: str | torch.device = "meta") -> PI0:
-    """Construct PI0 without spending time on random init when weights will be loaded (meta device)."""
+def build_model(config: PI0Config | PI0FASTConfig, device: str | torch.device = "meta") -> PI0 | PI0FAST:
+    """Construct the model without spending time on random init when weights will be loaded (meta device)."""
     with torch.device(device):
-        return PI0(config)
+        return PI0FAST(config) if isinstance(config, PI0FASTConfig) else PI0(config)
 
 
 def save_pretrained(
@@ -75,7 +76,12 @@ def save_pretrained(
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     with atomic_output_dir(path, overwrite=overwrite) as tmp:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        config = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config.to_dict()}
+        config = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model_type": "pi0_fast" if isinstance(model, PI0FAST) else "pi0",
+            "model": model.config.to_dict(),
+        }
         if metadata:
             config["metadata"] = metadata
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
@@ -86,7 +92,7 @@ def save_pretrained(
     return path
 
 
-def read_config(path: str | Path) -> PI0Config:
+def read_config(path: str | Path) -> PI0Config | PI0FASTConfig:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
@@ -103,6 +109,8 @@ def read_config(path: str | Path) -> PI0Config:
     if raw.get("format") != FORMAT:
         raise CheckpointError(f"{cfg_file} is not a pi0_lightning config (format={raw.get('format')!r})")
     try:
+        if raw.get("model_type", "pi0") == "pi0_fast":
+            return PI0FASTConfig(**raw["model"])
         return PI0Config.from_dict(raw["model"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{cfg_file}: bad model config ({e})") from None
@@ -116,7 +124,7 @@ def load_state_dict_file(file: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{file}: cannot read safetensors ({e})") from None
 
 
-def load_pretrained(path: str | Path, dtype: str | None = None, device: str | torch.device = "cpu") -> PI0:
+def load_pretrained(path: str | Path, dtype: str | None = None, device: str | torch.device = "cpu") -> PI0 | PI0FAST:
     path = Path(path)
     config = read_config(path)
     state = load_state_dict_file(path / WEIGHTS)

@@ -47,6 +47,20 @@ FLOAT32_MODULES = (
 COND_NULL, COND_POSITIVE, COND_NEGATIVE = 0, 1, 2
 
 
+def cast_with_float32_islands(model: nn.Module, target: torch.dtype) -> None:
+    """Cast parameters to `target` except openpi's float32 islands: norms, the patch/position embeddings and the
+    projections named in FLOAT32_MODULES."""
+    keep32 = {
+        id(p)
+        for name, m in model.named_modules()
+        if isinstance(m, RMSNorm | LayerNorm32) or name in FLOAT32_MODULES
+        for p in m.parameters()
+    }
+    keep32.update(id(m.pos_embed) for m in model.modules() if isinstance(m, SiglipVision))
+    for p in model.parameters():
+        p.data = p.data.to(torch.float32 if id(p) in keep32 else target)
+
+
 def make_attn_mask(input_mask: torch.Tensor, ar_mask: torch.Tensor) -> torch.Tensor:
     """big_vision's block-causal mask: token i sees valid token j iff cumsum(ar)[j] <= cumsum(ar)[i].
 
@@ -153,16 +167,7 @@ class PI0(nn.Module):
     def apply_dtype_policy(self, dtype: str) -> PI0:
         """Cast to `dtype` ("float32" or "bfloat16"), keeping openpi's float32 islands in bfloat16."""
         self.config.dtype = dtype  # type: ignore[assignment]
-        target = self.compute_dtype
-        keep32 = {
-            id(p)
-            for name, m in self.named_modules()
-            if isinstance(m, RMSNorm | LayerNorm32) or name in FLOAT32_MODULES
-            for p in m.parameters()
-        }
-        keep32.add(id(self.vision.pos_embed))
-        for p in self.parameters():
-            p.data = p.data.to(torch.float32 if id(p) in keep32 else target)
+        cast_with_float32_islands(self, self.compute_dtype)
         return self
 
     # ------------------------------------------------------------------ embeddings

@@ -65,13 +65,29 @@ class PI0FAST(nn.Module):
         self.config = config
         self.vision = SiglipVision(config.vision, config.paligemma.width, config.layer_norm_eps)
         self.llm = JointGemma([config.paligemma], config.vocab_size, config.rms_norm_eps, adarms=[False])
-        if config.dtype == "bfloat16":
-            self.to(torch.bfloat16)
-            for m in self.modules():  # norms and the patch/position embeddings stay float32, as in PI0
-                if m.__class__.__name__ in ("RMSNorm", "LayerNorm32"):
-                    m.float()
-            self.vision.patch_embed.float()
-            self.vision.pos_embed.data = self.vision.pos_embed.data.float()
+        self.apply_dtype_policy(config.dtype)
+
+    def apply_dtype_policy(self, dtype: str) -> PI0FAST:
+        """float32, or bfloat16 with PI0's float32 islands (norms, patch and position embeddings)."""
+        from pi0_lightning.model.pi0 import cast_with_float32_islands
+
+        self.config.dtype = dtype  # type: ignore[assignment]
+        cast_with_float32_islands(self, torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+        return self
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: str | None = None, device="cpu") -> PI0FAST:
+        from pi0_lightning.checkpoint import load_pretrained
+
+        model = load_pretrained(path, dtype=dtype, device=device)
+        if not isinstance(model, cls):
+            raise TypeError(f"{path} holds a {type(model).__name__}, not a PI0-FAST model")
+        return model
+
+    def save_pretrained(self, path, **extra) -> None:
+        from pi0_lightning.checkpoint import save_pretrained
+
+        save_pretrained(self, path, **extra)
 
     def embed_inputs(self, obs: Observation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Embeddings (B, S, W), input mask (B, S) and ar mask (B, S) of images followed by all text tokens."""

@@ -15,19 +15,15 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def case(openpi_fixtures):
+def case(openpi_fixtures, tmp_path_factory):
     pytest.importorskip("tensorstore")
-    from pi0_lightning.convert.openpi import infer_fast_config, openpi_to_state_dict
-    from pi0_lightning.convert.orbax import read_openpi_params
+    from pi0_lightning.convert.cli import main
 
     root = openpi_fixtures / "pi0_fast_tiny"
-    params = read_openpi_params(root)
-    config = infer_fast_config(params)
-    with torch.device("meta"):
-        model = PI0FAST(config)
-    # the fixture stores bfloat16 leaves; openpi's references upcast them exactly to float32
-    model.load_state_dict(openpi_to_state_dict(params, config), assign=True)
-    model = model.float().eval()
+    out = tmp_path_factory.mktemp("fast") / "ckpt"
+    assert main(["openpi", str(root), str(out)]) == 0
+    # the fixture stores bfloat16 leaves; openpi's references upcast them exactly to float32, as loading does here
+    model = PI0FAST.from_pretrained(out, dtype="float32")
     ref = np.load(root / "reference.npz")
 
     def t(key: str) -> torch.Tensor:

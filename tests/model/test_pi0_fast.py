@@ -100,3 +100,21 @@ def test_greedy_decoding_matches_openpi(case):
     assert err(torch.logsumexp(logits, -1), t("decode_step_logsumexp")) <= TOL
     assert err(logits[..., t("logits_sel_ids").long()], t("decode_step_logits_sel")) <= TOL
     assert err(logits.topk(2, -1).values, t("decode_step_top2_logits")) <= TOL
+
+
+@torch.no_grad()
+def test_bfloat16_decoding_gives_openpi_bfloat16_tokens(case, openpi_fixtures, tmp_path):
+    from pi0_lightning.convert.cli import main
+
+    _, t, obs = case
+    assert main(["openpi", str(openpi_fixtures / "pi0_fast_tiny"), str(tmp_path / "c")]) == 0
+    model = PI0FAST.from_pretrained(tmp_path / "c", dtype="bfloat16")
+    infer = Observation(
+        obs.images,
+        obs.image_masks,
+        obs.state,
+        t("infer_tokenized_prompt").long(),
+        t("infer_tokenized_prompt_mask"),
+        token_ar_mask=t("infer_token_ar_mask"),
+    )
+    assert torch.equal(model.sample_tokens(infer, max_decoding_steps=8), t("decode_output_tokens_bfloat16").long())

@@ -61,6 +61,21 @@ def cast_with_float32_islands(model: nn.Module, target: torch.dtype) -> None:
         p.data = p.data.to(torch.float32 if id(p) in keep32 else target)
 
 
+def embed_images(vision: SiglipVision, obs: Observation) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image tokens (B, C*N, W) of the cameras present, in IMAGE_KEYS order, and their validity mask (B, C*N)."""
+    unknown = set(obs.images) - set(IMAGE_KEYS)
+    if unknown:
+        raise KeyError(f"unknown camera(s) {sorted(unknown)}; expected a subset of {IMAGE_KEYS}")
+    keys = [k for k in IMAGE_KEYS if k in obs.images]
+    b = obs.batch_size
+    # one SigLIP call for all cameras: (C*B, 3, H, W) -> (C, B, N, W) -> (B, C*N, W)
+    img = vision(torch.cat([obs.images[k] for k in keys]))
+    n = img.shape[1]
+    img = img.view(len(keys), b, n, -1).transpose(0, 1).reshape(b, len(keys) * n, -1)
+    mask = torch.stack([obs.image_masks[k].bool() for k in keys], dim=1).repeat_interleave(n, dim=1)
+    return img, mask
+
+
 def make_attn_mask(input_mask: torch.Tensor, ar_mask: torch.Tensor) -> torch.Tensor:
     """big_vision's block-causal mask: token i sees valid token j iff cumsum(ar)[j] <= cumsum(ar)[i].
 
@@ -174,18 +189,9 @@ class PI0(nn.Module):
 
     def embed_prefix(self, obs: Observation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Image and prompt tokens (B, S_pre, W_pg), their validity mask (B, S_pre), ar mask (S_pre,)."""
-        unknown = set(obs.images) - set(IMAGE_KEYS)
-        if unknown:
-            raise KeyError(f"unknown camera(s) {sorted(unknown)}; expected a subset of {IMAGE_KEYS}")
-        keys = [k for k in IMAGE_KEYS if k in obs.images]
-        b = obs.batch_size
-        # one SigLIP call for all cameras: (C*B, 3, H, W) -> (C, B, N, W) -> (B, C*N, W)
-        img = self.vision(torch.cat([obs.images[k] for k in keys]))
-        n = img.shape[1]
-        img = img.view(len(keys), b, n, -1).transpose(0, 1).reshape(b, len(keys) * n, -1)
+        img, img_mask = embed_images(self.vision, obs)
         lang = self.llm.embed(obs.tokenized_prompt)
         tokens = torch.cat([img.to(self.compute_dtype), lang.to(self.compute_dtype)], dim=1)
-        img_mask = torch.stack([obs.image_masks[k].bool() for k in keys], dim=1).repeat_interleave(n, dim=1)
         input_mask = torch.cat([img_mask, obs.tokenized_prompt_mask.bool()], dim=1)
         ar_mask = torch.zeros(tokens.shape[1], dtype=torch.bool, device=tokens.device)
         return tokens, input_mask, ar_mask

@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pi0_lightning.model.config import IMAGE_KEYS, PALIGEMMA_VOCAB_SIZE, GemmaConfig, SiglipConfig
+from pi0_lightning.model.config import PALIGEMMA_VOCAB_SIZE, GemmaConfig, SiglipConfig
 from pi0_lightning.model.gemma import JointGemma
 from pi0_lightning.model.observation import Observation
-from pi0_lightning.model.pi0 import make_attn_mask
+from pi0_lightning.model.pi0 import embed_images, make_attn_mask
 from pi0_lightning.model.siglip import SiglipVision
 
 EOS_ID = 1
@@ -93,14 +93,9 @@ class PI0FAST(nn.Module):
         """Embeddings (B, S, W), input mask (B, S) and ar mask (B, S) of images followed by all text tokens."""
         if obs.token_ar_mask is None:
             raise ValueError("PI0-FAST needs token_ar_mask (0 on the prompt prefix, 1 on the action postfix)")
-        keys = [k for k in IMAGE_KEYS if k in obs.images]
-        b = obs.batch_size
-        img = self.vision(torch.cat([obs.images[k] for k in keys]))
-        n = img.shape[1]
-        img = img.view(len(keys), b, n, -1).transpose(0, 1).reshape(b, len(keys) * n, -1)
+        img, img_mask = embed_images(self.vision, obs)
         dtype = self.llm.embed_tokens.weight.dtype
         tokens = torch.cat([img.to(dtype), self.llm.embed(obs.tokenized_prompt).to(dtype)], dim=1)
-        img_mask = torch.stack([obs.image_masks[k].bool() for k in keys], dim=1).repeat_interleave(n, dim=1)
         input_mask = torch.cat([img_mask, obs.tokenized_prompt_mask.bool()], dim=1)
         ar = torch.cat([torch.zeros_like(img_mask, dtype=torch.long), obs.token_ar_mask.long()], dim=1)
         return tokens, input_mask, ar

@@ -41,6 +41,18 @@ def case(openpi_fixtures, tmp_path_factory):
     return model, t, obs
 
 
+def inference_observation(t, obs: Observation) -> Observation:
+    """The fixture's inference prompt (prefix only) with the same images."""
+    return Observation(
+        obs.images,
+        obs.image_masks,
+        obs.state,
+        t("infer_tokenized_prompt").long(),
+        t("infer_tokenized_prompt_mask"),
+        token_ar_mask=t("infer_token_ar_mask"),
+    )
+
+
 def err(a, b) -> float:
     return (a.float() - b.float()).abs().max().item()
 
@@ -85,15 +97,7 @@ def test_missing_fast_masks_are_clear_errors(case):
 @torch.no_grad()
 def test_greedy_decoding_matches_openpi(case):
     model, t, obs = case
-    infer = Observation(
-        obs.images,
-        obs.image_masks,
-        obs.state,
-        t("infer_tokenized_prompt").long(),
-        t("infer_tokenized_prompt_mask"),
-        token_ar_mask=t("infer_token_ar_mask"),
-        token_loss_mask=t("infer_token_loss_mask"),
-    )
+    infer = inference_observation(t, obs)
     tokens, step_logits = model.sample_tokens(infer, max_decoding_steps=8, return_logits=True)
     assert torch.equal(tokens, t("decode_output_tokens").long())
     logits = torch.stack(step_logits, 1)  # (B, 8, V): the logits each token was chosen from
@@ -109,12 +113,5 @@ def test_bfloat16_decoding_gives_openpi_bfloat16_tokens(case, openpi_fixtures, t
     _, t, obs = case
     assert main(["openpi", str(openpi_fixtures / "pi0_fast_tiny"), str(tmp_path / "c")]) == 0
     model = PI0FAST.from_pretrained(tmp_path / "c", dtype="bfloat16")
-    infer = Observation(
-        obs.images,
-        obs.image_masks,
-        obs.state,
-        t("infer_tokenized_prompt").long(),
-        t("infer_tokenized_prompt_mask"),
-        token_ar_mask=t("infer_token_ar_mask"),
-    )
+    infer = inference_observation(t, obs)
     assert torch.equal(model.sample_tokens(infer, max_decoding_steps=8), t("decode_output_tokens_bfloat16").long())

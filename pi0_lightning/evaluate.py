@@ -157,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="for tiny test checkpoints without a tokenizer: train a small one on the suite's instructions",
     )
     p.add_argument("--worker-timeout", type=float, default=300.0, help="seconds before a hung worker is replaced")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        help="CFG weight w for RL-trained checkpoints (default 1: the positive-conditioned policy; ignored otherwise)",
+    )
     return p
 
 
@@ -178,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         policy = LiberoPolicy.from_checkpoint(
             args.checkpoint, device=args.device, dtype=args.dtype, tokenizer=tokenizer
         )
+        if policy.model.cfg_embed is not None:  # trained with CFG conditions: sample a trained branch, never "none"
+            policy.guidance = 1.0 if args.guidance is None else args.guidance
         eval_requests(tasks, args.episodes, args.seed)  # validate before starting workers
     except (UnknownTaskError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)

@@ -35,3 +35,37 @@ def test_bad_names_exit_2_with_the_valid_ones(converted, tmp_path, capsys, flag,
     assert main(argv) == 2
     assert needle in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_rl_trained_checkpoint_is_evaluated_with_a_trained_branch(tmp_path, monkeypatch):
+    """An exported RL policy has the CFG embedding: evaluation must sample w = 1 (or --guidance), not "no condition"."""
+    from pi0_lightning.envs.spec import identity_norm_stats
+    from pi0_lightning.model.config import PI0Config
+    from pi0_lightning.model.pi0 import PI0
+    from pi0_lightning.policy import libero as libero_policy
+
+    PI0(PI0Config.variant("pi0_tiny", action_horizon=10)).add_cfg_conditions(2).save_pretrained(
+        tmp_path / "rl", norm_stats=identity_norm_stats()
+    )
+    seen = []
+    real = libero_policy.LiberoPolicy.sample
+
+    def spy(self, obs, noise):
+        seen.append(self.guidance)
+        return real(self, obs, noise)
+
+    monkeypatch.setattr(libero_policy.LiberoPolicy, "sample", spy)
+    argv = ["--checkpoint", str(tmp_path / "rl"), "--suite", "libero_spatial", "--tasks", "0", "--episodes", "1"]
+    argv += [
+        "--workers",
+        "1",
+        "--max-steps",
+        "5",
+        "--train-small-tokenizer",
+        "--out",
+        str(tmp_path / "o"),
+        "--device",
+        "cpu",
+    ]
+    assert main(argv) == 0
+    assert seen and set(seen) == {1.0}  # the default for a CFG-trained policy: the positive-conditioned branch

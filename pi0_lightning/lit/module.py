@@ -29,8 +29,7 @@ from pi0_lightning.model.config import PI0Config
 from pi0_lightning.model.lora import apply_lora
 from pi0_lightning.model.pi0 import PI0
 from pi0_lightning.policy.libero import LiberoPolicy
-from pi0_lightning.policy.tokenizer import PromptTokenizer, find_tokenizer_file, train_small_tokenizer
-from pi0_lightning.policy.transforms import LiberoTransforms, Normalizer
+from pi0_lightning.policy.tokenizer import find_tokenizer_file, train_small_tokenizer
 from pi0_lightning.rl.losses import CFGLossConfig, cfg_loss
 from pi0_lightning.rollout.metrics import TaskSuccessRate
 
@@ -215,20 +214,14 @@ class PI0RLModule(L.LightningModule):
     def rollout_policy(self, guidance: float | None = None) -> LiberoPolicy:
         """The current model as a LIBERO chunk policy (same weights; no copy)."""
         if self._policy is None:
-            mode = self.hparams.norm_mode or ("quantile" if self.model.config.pi05 else "zscore")
-            transforms = LiberoTransforms(
-                Normalizer.from_json(self.norm_stats, mode=mode),
-                model_action_dim=self.model.config.action_dim,
-                delta_actions=self.delta_actions,
-                image_size=self.model.config.vision.image_size,
-            )
-            tok = PromptTokenizer.from_file(self.tokenizer_path, max_len=self.model.config.max_token_len)
-            self._policy = LiberoPolicy(
+            self._policy = LiberoPolicy.build(
                 self.model,
-                tok,
-                transforms,
-                self.hparams.num_denoise_steps,
-                self.device,
+                self.norm_stats,
+                self.tokenizer_path,
+                delta_actions=self.delta_actions,
+                norm_mode=self.hparams.norm_mode,
+                num_steps=self.hparams.num_denoise_steps,
+                device=self.device,
                 # gathered FSDP parameters are freed after each rollout, so captured graphs would point at freed memory
                 cuda_graphs=self.hparams.cuda_graphs and self.device.type == "cuda" and self._fsdp_root() is None,
             )

@@ -62,6 +62,28 @@ class LiberoPolicy:
         self._prompt_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     @classmethod
+    def build(
+        cls,
+        model: PI0,
+        norm_stats: str | Path | dict,
+        tokenizer_file: str | Path,
+        delta_actions: bool | None = None,
+        norm_mode: str | None = None,
+        **kwargs,
+    ) -> LiberoPolicy:
+        """The policy for `model` with openpi's LIBERO defaults: PI0 z-score + delta actions (`pi0_libero`), PI0.5
+        quantile + absolute actions (`pi05_libero`). `norm_stats` is a norm_stats.json path or its parsed dict."""
+        pi05 = model.config.pi05
+        transforms = LiberoTransforms(
+            normalizer=Normalizer.from_json(norm_stats, mode=norm_mode or ("quantile" if pi05 else "zscore")),
+            model_action_dim=model.config.action_dim,
+            delta_actions=(not pi05) if delta_actions is None else delta_actions,
+            image_size=model.config.vision.image_size,
+        )
+        tok = PromptTokenizer.from_file(tokenizer_file, max_len=model.config.max_token_len)
+        return cls(model, tok, transforms, **kwargs)
+
+    @classmethod
     def from_checkpoint(
         cls,
         path: str | Path,
@@ -72,11 +94,9 @@ class LiberoPolicy:
         norm_mode: str | None = None,
         num_steps: int = 10,
     ) -> LiberoPolicy:
-        """Defaults follow openpi's LIBERO configs: PI0 z-score + delta actions (`pi0_libero`), PI0.5 quantile +
-        absolute actions (`pi05_libero`)."""
+        """A converted checkpoint directory with its bundled tokenizer (or `tokenizer`) and norm_stats.json."""
         path = Path(path)
         model = PI0.from_pretrained(path, dtype=dtype, device=device)
-        pi05 = model.config.pi05
         tok_file = Path(tokenizer) if tokenizer else find_tokenizer_file(path)
         if tok_file is None:
             raise FileNotFoundError(
@@ -84,15 +104,9 @@ class LiberoPolicy:
             )
         if not (path / "norm_stats.json").is_file():
             raise FileNotFoundError(f"{path} has no norm_stats.json (convert the checkpoint with its assets)")
-        mode = norm_mode or ("quantile" if pi05 else "zscore")
-        transforms = LiberoTransforms(
-            normalizer=Normalizer.from_json(path / "norm_stats.json", mode=mode),
-            model_action_dim=model.config.action_dim,
-            delta_actions=(not pi05) if delta_actions is None else delta_actions,
-            image_size=model.config.vision.image_size,
+        return cls.build(
+            model, path / "norm_stats.json", tok_file, delta_actions, norm_mode, num_steps=num_steps, device=device
         )
-        tok = PromptTokenizer.from_file(tok_file, max_len=model.config.max_token_len)
-        return cls(model, tok, transforms, num_steps=num_steps, device=device)
 
     def _tokenize(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
         if prompt not in self._prompt_cache:

@@ -20,5 +20,5 @@ class SafetensorsExport(L.Callback):
         with pl_module.full_parameters():  # FSDP: every rank gathers, rank 0 writes
             if trainer.is_global_zero:
                 out = pl_module.export_pretrained(self.dirpath)
-                print(f"policy exported to {out.resolve()} (PI0.from_pretrained)")
+                print(f"policy exported to {out.resolve()} (python -m pi0_lightning.evaluate --checkpoint DIR)")
         trainer.strategy.barrier("safetensors_export")

@@ -71,7 +71,10 @@ def save_pretrained(
     tokenizer_path: str | Path | None = None,
     metadata: dict[str, Any] | None = None,
     overwrite: bool = False,
+    asset_dirs: dict[str, str | Path] | None = None,
 ) -> Path:
+    """Weights, config.json, norm stats, the tokenizer file and `asset_dirs` (name -> directory copied under that
+    name, e.g. PI0-FAST's `fast_tokenizer`), written atomically."""
     path = Path(path)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     with atomic_output_dir(path, overwrite=overwrite) as tmp:
@@ -88,7 +91,13 @@ def save_pretrained(
         if norm_stats is not None:
             (tmp / NORM_STATS).write_text(json.dumps(norm_stats, indent=2) + "\n")
         if tokenizer_path is not None:
-            shutil.copy2(tokenizer_path, tmp / Path(tokenizer_path).name)
+            name = Path(tokenizer_path).name
+            if name not in ("tokenizer.model", "paligemma_tokenizer.model", "tokenizer.json"):
+                # under a name the loaders look for (a small SentencePiece model trained for a random model)
+                name = "tokenizer.json" if name.endswith(".json") else "tokenizer.model"
+            shutil.copy2(tokenizer_path, tmp / name)
+        for name, source in (asset_dirs or {}).items():
+            shutil.copytree(source, tmp / name)
     return path
 
 

@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: the checkpoint's")
     p.add_argument("--tokenizer", help="PaliGemma tokenizer file if the checkpoint bundles none")
+    p.add_argument("--fast-tokenizer", help="PI0-FAST: FAST processor directory if the checkpoint bundles none")
+    p.add_argument("--temperature", type=float, default=0.0, help="PI0-FAST decoding temperature (0 = greedy)")
+    p.add_argument("--max-decoding-steps", type=int, default=256, help="PI0-FAST decoding budget per chunk")
     p.add_argument(
         "--train-small-tokenizer",
         action="store_true",
@@ -166,10 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pi0_lightning.checkpoint import CheckpointError
+    from pi0_lightning.checkpoint import CheckpointError, read_config
     from pi0_lightning.envs.pool import EnvPool
-    from pi0_lightning.policy.libero import LiberoPolicy
-    from pi0_lightning.policy.tokenizer import train_small_tokenizer
+    from pi0_lightning.model.pi0_fast import PI0FASTConfig
+    from pi0_lightning.policy.assets import small_prompt_tokenizer
+    from pi0_lightning.policy.loading import load_policy
 
     args = build_parser().parse_args(argv)
     out = Path(args.out)
@@ -178,12 +182,19 @@ def main(argv: list[str] | None = None) -> int:
         env_cfg = LiberoEnvConfig(suite=args.suite, max_steps=args.max_steps, num_steps_wait=args.num_steps_wait)
         tokenizer = args.tokenizer
         if args.train_small_tokenizer and tokenizer is None:
+            fast = isinstance(read_config(args.checkpoint), PI0FASTConfig)
             texts = [t.language for t in resolve_tasks(args.suite)]
-            tokenizer = train_small_tokenizer(texts, out / "small_tokenizer.model", vocab_size=1000)
-        policy = LiberoPolicy.from_checkpoint(
-            args.checkpoint, device=args.device, dtype=args.dtype, tokenizer=tokenizer
+            tokenizer = small_prompt_tokenizer(texts, out / "small_tokenizer.model", vocab_size=1000, fast=fast)
+        policy = load_policy(
+            args.checkpoint,
+            device=args.device,
+            dtype=args.dtype,
+            tokenizer=tokenizer,
+            fast_tokenizer=args.fast_tokenizer,
+            temperature=args.temperature,
+            max_decoding_steps=args.max_decoding_steps,
         )
-        if policy.model.cfg_embed is not None:  # trained with CFG conditions: sample a trained branch, never "none"
+        if getattr(policy.model, "cfg_embed", None) is not None:  # CFG-trained: sample a trained branch, never "none"
             policy.guidance = 1.0 if args.guidance is None else args.guidance
         eval_requests(tasks, args.episodes, args.seed)  # validate before starting workers
     except (UnknownTaskError, CheckpointError, FileNotFoundError, ValueError) as e:

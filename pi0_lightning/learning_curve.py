@@ -34,7 +34,7 @@ def load(run: Path) -> tuple[list[dict], list[dict]]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", type=Path, help="run directory (trainer.default_root_dir)")
-    p.add_argument("--window", type=int, default=3, help="final iterations pooled against the untrained iteration 0")
+    p.add_argument("--window", type=int, default=3, help="final iterations pooled against iteration 0")
     args = p.parse_args(argv)
     if not (args.run / "rollout_stats.jsonl").is_file():
         print(f"learning_curve: error: {args.run}/rollout_stats.jsonl not found", file=sys.stderr)
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {s['iteration']} | {s.get('rollout/episodes', 0):.0f} | {s['rollout/success_rate']:.3f} | "
               f"{s['rollout/useful_group_frac']:.2f} | {s['rollout/train_chunks']:.0f} |")  # fmt: skip
     w = min(args.window, max(1, len(stats) - 1))
-    # iteration 0's rollouts come from the untrained policy: the baseline
+    # iteration 0's rollouts come from the policy before any RL update: the baseline
     first, last = stats[:1], stats[-w:]
 
     def pooled(rows):
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     (r1, n1), (r2, n2) = pooled(first), pooled(last)
     z, pval = two_proportion_z(r1, n1, r2, n2)
-    print(f"\nrollout success, untrained (iteration 0): {r1:.3f} (n={n1}); last {w} iterations: {r2:.3f} (n={n2}); "
+    print(f"\nrollout success before RL (iteration 0): {r1:.3f} (n={n1}); last {w} iterations: {r2:.3f} (n={n2}); "
           f"z = {z:.2f}, one-sided p = {pval:.2g}")  # fmt: skip
     val = [m for m in metrics if m.get("val/success_rate")]
     if val:

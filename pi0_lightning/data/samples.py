@@ -28,6 +28,7 @@ class TrainSample:
     advantage: float
     valid: bool = True
     task_id: int = -1
+    record: Any = None  # the policy's per-chunk record (PI0-FAST: TokenRecord)
 
 
 @dataclass
@@ -65,7 +66,9 @@ def chunk_samples(groups: list[GroupResult], robot_action_dim: int | None = None
                 actions = np.array(c.actions, dtype=np.float32)
                 if robot_action_dim is not None:
                     actions[:, robot_action_dim:] = 0.0
-                samples.append(TrainSample(c.inputs, actions, c.action_mask, float(adv), True, ep.request.task_id))
+                samples.append(
+                    TrainSample(c.inputs, actions, c.action_mask, float(adv), True, ep.request.task_id, c.record)
+                )
     return samples
 
 
@@ -90,8 +93,9 @@ class SampleDataset(Dataset):
 
 
 def collate(samples: list[TrainSample], to_observation) -> dict[str, Any]:
-    """Batch samples; `to_observation` turns a list of policy inputs into the model's Observation."""
-    return {
+    """Batch samples; `to_observation` turns a list of policy inputs into the model's Observation. Samples with
+    token records (PI0-FAST) also give `tokens`, `token_mask` and `logp_old`, right-padded to the longest."""
+    batch = {
         "obs": to_observation([s.inputs for s in samples]),
         "actions": torch.from_numpy(np.stack([s.actions for s in samples])),
         "action_mask": torch.from_numpy(np.stack([s.action_mask for s in samples])),
@@ -99,3 +103,15 @@ def collate(samples: list[TrainSample], to_observation) -> dict[str, Any]:
         "valid": torch.tensor([s.valid for s in samples]),
         "task_ids": torch.tensor([s.task_id for s in samples]),
     }
+    if samples[0].record is not None:
+        n = max(len(s.record.tokens) for s in samples)
+        tokens = torch.zeros(len(samples), n, dtype=torch.long)
+        logp = torch.zeros(len(samples), n, dtype=torch.float32)
+        mask = torch.zeros(len(samples), n, dtype=torch.bool)
+        for i, s in enumerate(samples):
+            k = len(s.record.tokens)
+            tokens[i, :k] = torch.from_numpy(s.record.tokens)
+            logp[i, :k] = torch.from_numpy(s.record.logp)
+            mask[i, :k] = True
+        batch.update(tokens=tokens, token_mask=mask, logp_old=logp)
+    return batch

@@ -211,6 +211,9 @@ class RolloutDataModule(L.LightningDataModule):
             "rollout/policy_ms_per_call": 1000 * policy_s / max(policy_calls, 1),
             "rollout/seconds": time.perf_counter() - start,
         }
+        decoded = [c.record.decoded for e in valid for c in e.chunks if hasattr(c.record, "decoded")]
+        if decoded:  # PI0-FAST: chunks whose tokens were not a well-formed action (the env got zeros)
+            metrics["rollout/undecodable_frac"] = 1.0 - float(np.mean(decoded))
         self.last_episodes = episodes
         return samples, metrics
 

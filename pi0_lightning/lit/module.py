@@ -1,4 +1,5 @@
-"""PI0RLModule: RIPT-style RL for PI0 in Lightning (RLOO advantages + CFG advantage-conditioned flow matching).
+"""PI0RLModule: RIPT-style RL in Lightning for PI0 / PI0.5 (CFG advantage-conditioned flow matching) and PI0-FAST
+(LOOP: RLOO + per-token PPO clipping).
 
 One epoch is one RL iteration: `RolloutDataModule.train_dataloader()` collects K rollouts per context with the
 current policy (guidance `rollout_guidance`, default w = 1: the positive-conditioned policy), keeps useful groups and
@@ -7,6 +8,11 @@ optimisation (AdamW, warmup + cosine, gradient clipping from the Trainer). Valid
 episodes for every guidance weight in `eval_guidance` and logs per-task success rates (torchmetrics, summed over
 ranks). The trained policy samples with v = v_null + w * (v_pos - v_null), using the null condition it was trained
 with.
+
+PI0-FAST (a `pi0_fast*` variant or a PI0-FAST checkpoint) trains with `loss: {name: loop}`: rollouts decode at
+`rollout_temperature` and record each token's log-probability; `training_step` recomputes them with gradients in
+the decode layout (`PI0FAST.action_logp`) and minimises the clipped-ratio loss of `rl/loop.py`. `data.repeats` passes
+over an iteration's chunks are the PPO epochs. Validation decodes at `eval_temperature` (openpi: greedy).
 
     pi0-lightning fit --config configs/demo.yaml
     pi0-lightning validate --config configs/demo.yaml --ckpt_path runs/demo/checkpoints/last.ckpt
@@ -28,8 +34,13 @@ import torch
 from pi0_lightning.model.config import PI0Config
 from pi0_lightning.model.lora import apply_lora
 from pi0_lightning.model.pi0 import PI0
+from pi0_lightning.model.pi0_fast import FAST_VARIANTS, PI0FAST, PI0FASTConfig
+from pi0_lightning.policy.assets import small_prompt_tokenizer, synthetic_fast_tokenizer
+from pi0_lightning.policy.fast import FASTActionTokenizer
 from pi0_lightning.policy.libero import LiberoPolicy
-from pi0_lightning.policy.tokenizer import find_tokenizer_file, train_small_tokenizer
+from pi0_lightning.policy.libero_fast import FAST_TOKENIZER_DIR, LiberoFASTPolicy
+from pi0_lightning.policy.tokenizer import find_tokenizer_file
+from pi0_lightning.rl.loop import LOOPLossConfig, loop_loss
 from pi0_lightning.rl.losses import CFGLossConfig, cfg_loss
 from pi0_lightning.rollout.metrics import TaskSuccessRate
 
@@ -56,7 +67,8 @@ class PI0RLModule(L.LightningModule):
         variant: str = "pi0_tiny",
         action_horizon: int | None = None,
         tokenizer: str | None = None,
-        loss: CFGLossConfig | None = None,
+        fast_tokenizer: str | None = None,
+        loss: CFGLossConfig | LOOPLossConfig | None = None,
         optim: OptimConfig | None = None,
         trainable: Literal["full", "action_expert", "frozen_vision", "lora"] = "full",
         lora_rank: int = 16,
@@ -67,6 +79,9 @@ class PI0RLModule(L.LightningModule):
         eval_guidance: list[float] | None = None,
         num_denoise_steps: int = 10,
         cuda_graphs: bool = False,
+        rollout_temperature: float = 1.0,
+        eval_temperature: float = 0.0,
+        max_decoding_steps: int = 256,
         delta_actions: bool | None = None,
         norm_mode: Literal["zscore", "quantile"] | None = None,
         seed: int = 0,
@@ -74,10 +89,11 @@ class PI0RLModule(L.LightningModule):
         """
         Args:
             checkpoint: a pi0_lightning checkpoint directory (see `pi0-convert`); None = random `variant` weights.
-            variant: PI0Config variant for random initialisation (demos, tests, the learning proof).
+            variant: PI0Config or PI0FASTConfig variant for random initialisation (demos, tests, learning proofs).
             action_horizon: override the model's action horizon H (must be >= the data's replan_steps).
             tokenizer: PaliGemma tokenizer file if the checkpoint bundles none; random models train a small one.
-            loss: the CFG loss (two-branch by default).
+            fast_tokenizer: PI0-FAST processor directory if the checkpoint bundles none; random models fit one.
+            loss: `{name: cfg, ...}` (PI0 / PI0.5 default, two-branch) or `{name: loop, ...}` (PI0-FAST default).
             optim: AdamW and the warmup + cosine schedule.
             trainable: full; action_expert (expert, projections, condition embedding); frozen_vision; lora.
             lora_rank: LoRA rank (trainable=lora).
@@ -88,6 +104,9 @@ class PI0RLModule(L.LightningModule):
             eval_guidance: CFG weights evaluated in validation; the first is logged as val/success_rate.
             num_denoise_steps: Euler steps of the flow sampler.
             cuda_graphs: on CUDA, replay rollout sampling as CUDA graphs (one capture per batch size).
+            rollout_temperature: PI0-FAST sampling temperature of training rollouts (> 0; LOOP's pi_old).
+            eval_temperature: PI0-FAST decoding temperature in validation (0 = greedy, as openpi).
+            max_decoding_steps: PI0-FAST decoding budget per chunk (openpi: 256).
             delta_actions: checkpoint trained with openpi's delta-action transform (default: pi0 yes, pi05 no;
                 random models: the environment's default).
             norm_mode: zscore (pi0) or quantile (pi05); default by model type.
@@ -96,12 +115,21 @@ class PI0RLModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.checkpoint = checkpoint
-        self.loss_config = loss or CFGLossConfig()
+        self.fast = _is_fast(checkpoint, variant)
+        self.loss_config = loss or (LOOPLossConfig() if self.fast else CFGLossConfig())
+        if self.fast != isinstance(self.loss_config, LOOPLossConfig):
+            raise ValueError(
+                "PI0-FAST trains with loss {name: loop}; PI0 / PI0.5 with loss {name: cfg}"
+                f" (got {self.loss_config.name} for a {'PI0-FAST' if self.fast else 'PI0'} model)"
+            )
+        if self.fast and rollout_temperature <= 0:
+            raise ValueError("LOOP needs stochastic rollouts: rollout_temperature must be > 0")
         self.optim = optim or OptimConfig()
         self.eval_guidance = list(eval_guidance) if eval_guidance else [1.0]
-        self.model: PI0 | None = None
+        self.model: PI0 | PI0FAST | None = None
         self.rollout_metrics: dict[str, float] = {}
-        self._policy: LiberoPolicy | None = None
+        self._policy: LiberoPolicy | LiberoFASTPolicy | None = None
+        self.fast_tokenizer: FASTActionTokenizer | None = None
         self._generator = torch.Generator().manual_seed(seed)
         self.tokenizer_path: Path | None = None
         self.norm_stats: dict | None = None
@@ -115,22 +143,30 @@ class PI0RLModule(L.LightningModule):
             return
         hp = self.hparams
         if self.checkpoint:
-            model = PI0.from_pretrained(self.checkpoint, dtype="float32")
+            from pi0_lightning.checkpoint import load_pretrained
+
+            model = load_pretrained(self.checkpoint, dtype="float32")
         else:
             overrides = {"action_horizon": hp.action_horizon} if hp.action_horizon else {}
             with torch.random.fork_rng():
                 torch.manual_seed(hp.seed)
-                model = PI0(PI0Config.variant(hp.variant, **overrides))
+                if self.fast:
+                    model = PI0FAST(PI0FASTConfig.variant(hp.variant, **overrides))
+                else:
+                    model = PI0(PI0Config.variant(hp.variant, **overrides))
         if hp.action_horizon and model.config.action_horizon != hp.action_horizon:
             model.config.action_horizon = hp.action_horizon
-        model.add_cfg_conditions(self.loss_config.num_conditions)
+        if not self.fast:
+            model.add_cfg_conditions(self.loss_config.num_conditions)
         model.apply_dtype_policy(hp.model_dtype)
         self._set_trainable(model)
         model.llm.gradient_checkpointing = hp.activation_checkpointing
         self.model = model
 
-    def _set_trainable(self, model: PI0) -> None:
+    def _set_trainable(self, model: PI0 | PI0FAST) -> None:
         mode = self.hparams.trainable
+        if mode == "action_expert" and self.fast:
+            raise ValueError("PI0-FAST has no action expert; use trainable full, frozen_vision or lora")
         if mode == "lora":
             model.requires_grad_(False)
             apply_lora(model.llm, self.hparams.lora_rank, self.hparams.lora_alpha)
@@ -156,7 +192,7 @@ class PI0RLModule(L.LightningModule):
         if dm is not None and dm.spec is not None:
             n = max(t.task_id for t in dm.spec.tasks) + 1
             self.num_tasks = n
-            self.val_metrics = torch.nn.ModuleList(TaskSuccessRate(n) for _ in self.eval_guidance)
+            self.val_metrics = torch.nn.ModuleList(TaskSuccessRate(n) for _ in self.eval_settings())
             self.train_success = TaskSuccessRate(n)
 
     def _resolve_policy_assets(self, dm) -> None:
@@ -164,14 +200,15 @@ class PI0RLModule(L.LightningModule):
         Resuming from a Lightning checkpoint replaces them with the ones saved in it (`on_load_checkpoint`)."""
         ckpt = Path(self.checkpoint) if self.checkpoint else None
         tok = Path(self.hparams.tokenizer) if self.hparams.tokenizer else (ckpt and find_tokenizer_file(ckpt))
+        instructions = [t.language for t in dm.spec.tasks] if dm is not None and dm.spec else []
         if tok is None:
             if ckpt is not None:
                 raise FileNotFoundError(f"{ckpt} bundles no PaliGemma tokenizer; set model.tokenizer")
-            texts = [t.language for t in dm.spec.tasks] if dm is not None and dm.spec else ["do the task"]
             tmp = Path(tempfile.mkdtemp(prefix="pi0_tok_"))
-            tok = train_small_tokenizer(
-                texts, tmp / "small_tokenizer.model", vocab_size=min(1000, self.model.config.vocab_size)
-            )
+            vocab = min(1000, self.model.config.vocab_size)
+            tok = small_prompt_tokenizer(instructions, tmp / "small_tokenizer.model", vocab, fast=self.fast)
+        if self.fast:
+            self.fast_tokenizer = self._resolve_fast_tokenizer(ckpt)
         self.tokenizer_path = Path(tok)
         if ckpt is not None and (ckpt / "norm_stats.json").is_file():
             import json
@@ -183,11 +220,23 @@ class PI0RLModule(L.LightningModule):
             raise FileNotFoundError("no norm stats: the checkpoint has no norm_stats.json and no environment gives any")
         self.delta_actions = self._default_delta_actions(ckpt, dm)
 
+    def _resolve_fast_tokenizer(self, ckpt: Path | None) -> FASTActionTokenizer:
+        if self.hparams.fast_tokenizer:
+            return FASTActionTokenizer.from_pretrained(self.hparams.fast_tokenizer)
+        if ckpt is not None:
+            if not (ckpt / FAST_TOKENIZER_DIR).is_dir():
+                raise FileNotFoundError(
+                    f"{ckpt} bundles no FAST processor ({FAST_TOKENIZER_DIR}/); set model.fast_tokenizer"
+                )
+            return FASTActionTokenizer.from_pretrained(ckpt / FAST_TOKENIZER_DIR)
+        cfg = self.model.config
+        return synthetic_fast_tokenizer(cfg.action_horizon, cfg.action_dim, seed=self.hparams.seed)
+
     def _default_delta_actions(self, ckpt: Path | None, dm) -> bool:
         if self.hparams.delta_actions is not None:
             return self.hparams.delta_actions
         if ckpt is not None:
-            return not self.model.config.pi05
+            return self.fast or not self.model.config.pi05
         return dm.spec.delta_actions if dm is not None and dm.spec is not None else False
 
     def _fsdp_root(self):
@@ -211,22 +260,44 @@ class PI0RLModule(L.LightningModule):
         with FSDP.summon_full_params(root, writeback=False, recurse=True):
             yield
 
-    def rollout_policy(self, guidance: float | None = None) -> LiberoPolicy:
-        """The current model as a LIBERO chunk policy (same weights; no copy)."""
+    def eval_settings(self) -> list[tuple[str, float]]:
+        """(metric suffix, value) per validation pass: CFG weights w for PI0, the decoding temperature for FAST."""
+        if self.fast:
+            return [("", self.hparams.eval_temperature)]
+        return [("" if i == 0 else f"_w{w:g}", w) for i, w in enumerate(self.eval_guidance)]
+
+    def rollout_policy(self, setting: float | None = None) -> LiberoPolicy | LiberoFASTPolicy:
+        """The current model as a LIBERO chunk policy (same weights; no copy). `setting` is the CFG weight (PI0) or
+        the temperature (PI0-FAST); None = the training-rollout one."""
+        hp = self.hparams
         if self._policy is None:
-            self._policy = LiberoPolicy.build(
-                self.model,
-                self.norm_stats,
-                self.tokenizer_path,
-                delta_actions=self.delta_actions,
-                norm_mode=self.hparams.norm_mode,
-                num_steps=self.hparams.num_denoise_steps,
-                device=self.device,
-                # gathered FSDP parameters are freed after each rollout, so captured graphs would point at freed memory
-                cuda_graphs=self.hparams.cuda_graphs and self.device.type == "cuda" and self._fsdp_root() is None,
-            )
+            if self.fast:
+                self._policy = LiberoFASTPolicy.build(
+                    self.model,
+                    self.norm_stats,
+                    self.tokenizer_path,
+                    self.fast_tokenizer,
+                    delta_actions=self.delta_actions,
+                    max_decoding_steps=hp.max_decoding_steps,
+                    device=self.device,
+                )
+            else:
+                self._policy = LiberoPolicy.build(
+                    self.model,
+                    self.norm_stats,
+                    self.tokenizer_path,
+                    delta_actions=self.delta_actions,
+                    norm_mode=hp.norm_mode,
+                    num_steps=hp.num_denoise_steps,
+                    device=self.device,
+                    # gathered FSDP parameters are freed after each rollout: captured graphs would point at freed memory
+                    cuda_graphs=hp.cuda_graphs and self.device.type == "cuda" and self._fsdp_root() is None,
+                )
         self._policy.device = self.device
-        self._policy.guidance = self.hparams.rollout_guidance if guidance is None else guidance
+        if self.fast:
+            self._policy.temperature = hp.rollout_temperature if setting is None else setting
+        else:
+            self._policy.guidance = hp.rollout_guidance if setting is None else setting
         return self._policy
 
     # ------------------------------------------------------------------ training
@@ -248,16 +319,27 @@ class PI0RLModule(L.LightningModule):
         self.train_success.reset()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss, metrics = cfg_loss(
-            self.model,
-            batch["obs"],
-            batch["actions"],
-            batch["action_mask"],
-            batch["advantages"],
-            batch["valid"],
-            self.loss_config,
-            generator=self._generator if self.device.type == "cpu" else None,
-        )
+        if self.fast:
+            logp = self.model.action_logp(
+                batch["obs"],
+                batch["tokens"],
+                temperature=self.hparams.rollout_temperature,
+                max_decoding_steps=self.hparams.max_decoding_steps,
+            )
+            loss, metrics = loop_loss(
+                logp, batch["logp_old"], batch["advantages"], batch["token_mask"], batch["valid"], self.loss_config
+            )
+        else:
+            loss, metrics = cfg_loss(
+                self.model,
+                batch["obs"],
+                batch["actions"],
+                batch["action_mask"],
+                batch["advantages"],
+                batch["valid"],
+                self.loss_config,
+                generator=self._generator if self.device.type == "cpu" else None,
+            )
         bs = batch["actions"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
         for k, v in metrics.items():
@@ -287,12 +369,12 @@ class PI0RLModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         dm = self.trainer.datamodule
-        for i, w in enumerate(self.eval_guidance):
-            policy = self.rollout_policy(guidance=w)
+        for i, (_, value) in enumerate(self.eval_settings()):
+            policy = self.rollout_policy(value)
             collector = dm.collector(policy, seed=hash((dm.seed, 1_000_003, batch_idx, i)) & 0x7FFFFFFF)
             # validation_step runs inside the (FSDP) root forward: the wrapped JointLayer / SiglipBlock units
             # gather their own parameters when called, so no manual gathering here (FSDP forbids it)
-            results, _ = collector.collect(batch, desc=f"eval w={w}")
+            results, _ = collector.collect(batch, desc=f"eval {'T' if self.fast else 'w'}={value:g}")
             real = [r for r in results if r.valid and not r.request.pad]
             if real:
                 self.val_metrics[i].update(
@@ -303,9 +385,8 @@ class PI0RLModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         tasks = self.trainer.datamodule.spec.tasks
-        for i, w in enumerate(self.eval_guidance):
+        for i, (suffix, _) in enumerate(self.eval_settings()):
             out = self.val_metrics[i].compute()  # collective
-            suffix = "" if i == 0 else f"_w{w:g}"
             self.log(f"val/success_rate{suffix}", out["overall"].reshape(-1)[0].float(), batch_size=1)
             per_task = out["per_task"].reshape(-1)
             for t in tasks:
@@ -322,6 +403,7 @@ class PI0RLModule(L.LightningModule):
             "tokenizer_name": self.tokenizer_path.name if self.tokenizer_path else None,
             "tokenizer_bytes": self.tokenizer_path.read_bytes() if self.tokenizer_path else None,
             "norm_stats": self.norm_stats,
+            "fast_tokenizer": _fast_tokenizer_files(self.fast_tokenizer),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -330,6 +412,12 @@ class PI0RLModule(L.LightningModule):
             return
         path = Path(tempfile.mkdtemp(prefix="pi0_tok_")) / assets["tokenizer_name"]
         path.write_bytes(assets["tokenizer_bytes"])
+        if assets.get("fast_tokenizer"):
+            fast_dir = path.parent / FAST_TOKENIZER_DIR
+            fast_dir.mkdir()
+            for name, data in assets["fast_tokenizer"].items():
+                (fast_dir / name).write_bytes(data)
+            self.fast_tokenizer = FASTActionTokenizer.from_pretrained(fast_dir)
         # Lightning restores after setup(): replace what setup resolved, and rebuild the policy lazily
         self.tokenizer_path, self.norm_stats = path, assets["norm_stats"]
         self._policy = None
@@ -356,5 +444,27 @@ class PI0RLModule(L.LightningModule):
         model.load_state_dict(state, assign=True)
         merge_lora(model)
         model.apply_dtype_policy("float32")
-        model.save_pretrained(path, norm_stats=self.norm_stats, tokenizer_path=self.tokenizer_path, overwrite=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            assets = {}
+            if self.fast_tokenizer is not None:
+                assets[FAST_TOKENIZER_DIR] = self.fast_tokenizer.save_pretrained(Path(tmp) / FAST_TOKENIZER_DIR)
+            model.save_pretrained(
+                path, norm_stats=self.norm_stats, tokenizer_path=self.tokenizer_path, overwrite=True, asset_dirs=assets
+            )
         return Path(path)
+
+
+def _is_fast(checkpoint: str | None, variant: str) -> bool:
+    if checkpoint:
+        from pi0_lightning.checkpoint import read_config
+
+        return isinstance(read_config(checkpoint), PI0FASTConfig)
+    return variant in FAST_VARIANTS
+
+
+def _fast_tokenizer_files(tokenizer: FASTActionTokenizer | None) -> dict[str, bytes] | None:
+    if tokenizer is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = tokenizer.save_pretrained(Path(tmp) / FAST_TOKENIZER_DIR)
+        return {f.name: f.read_bytes() for f in saved.iterdir()}

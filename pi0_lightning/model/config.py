@@ -56,6 +56,14 @@ class SiglipConfig:
         return (self.image_size // self.patch_size) ** 2
 
 
+def coerce_sub_configs(config: Any, **types: type) -> None:
+    """Nested configs given as dicts (from config.json or YAML) become their dataclasses."""
+    for name, cls in types.items():
+        value = getattr(config, name)
+        if isinstance(value, dict):
+            setattr(config, name, cls(**value))
+
+
 @dataclass
 class PI0Config:
     """PI0 / PI0.5: SigLIP + PaliGemma LLM + action expert, trained by flow matching."""
@@ -90,12 +98,7 @@ class PI0Config:
     layer_norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        if isinstance(self.vision, dict):
-            self.vision = SiglipConfig(**self.vision)
-        if isinstance(self.paligemma, dict):
-            self.paligemma = GemmaConfig(**self.paligemma)
-        if isinstance(self.action_expert, dict):
-            self.action_expert = GemmaConfig(**self.action_expert)
+        coerce_sub_configs(self, vision=SiglipConfig, paligemma=GemmaConfig, action_expert=GemmaConfig)
         a, b = self.paligemma, self.action_expert
         for name in ("depth", "num_heads", "num_kv_heads", "head_dim"):
             if getattr(a, name) != getattr(b, name):

@@ -11,8 +11,10 @@ prefix logit, and decoded token i sits at position prefill_len + i + 1 (a one-po
 attends to every cache slot from the row's first valid token on (masked image tokens in the middle included).
 Decoding stops when every row has produced EOS, or after `max_decoding_steps`.
 
-Status: training forward and greedy/temperature decoding match openpi on the tiny fixture; the FAST action
-tokenizer and the LOOP RL loss are not written yet (tracked in the PI0-FAST issue).
+For RL (LOOP, `rl/loop.py`) the log-probs of the decoded tokens are recorded while sampling, and `action_logp`
+recomputes them with gradients in one teacher-forced pass that reproduces the decode layout (including the position
+gap), so the PPO ratio is exactly 1 at unchanged weights. Deliberate choice: RL scores tokens in the layout they were
+sampled in, not in openpi's supervised training layout (which differs by that one-position gap).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pi0_lightning.model.config import PALIGEMMA_VOCAB_SIZE, GemmaConfig, SiglipConfig
+from pi0_lightning.model.config import PALIGEMMA_VOCAB_SIZE, GemmaConfig, SiglipConfig, coerce_sub_configs
 from pi0_lightning.model.gemma import JointGemma
 from pi0_lightning.model.observation import Observation
 from pi0_lightning.model.pi0 import embed_images, make_attn_mask
@@ -50,13 +52,44 @@ class PI0FASTConfig:
     layer_norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        if isinstance(self.vision, dict):
-            self.vision = SiglipConfig(**self.vision)
-        if isinstance(self.paligemma, dict):
-            self.paligemma = GemmaConfig(**self.paligemma)
+        coerce_sub_configs(self, vision=SiglipConfig, paligemma=GemmaConfig)
+
+    @property
+    def fast_offset(self) -> int:
+        """PaliGemma id of FAST token 0: vocab_size - 1 - 128 (257023 for the real vocabulary; openpi skips the
+        last 128 ids). Smaller vocabularies (random test models) keep the same rule."""
+        return self.vocab_size - 1 - 128
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def variant(cls, name: str, **overrides: Any) -> PI0FASTConfig:
+        """`pi0_fast` (openpi's Pi0FASTConfig for LIBERO: So400m + gemma_2b), `pi0_fast_tiny` (the parity fixture's
+        sizes, full vocabulary), `pi0_fast_micro` (112 px, small vocabulary: the CPU learning proof)."""
+        if name not in FAST_VARIANTS:
+            raise ValueError(f"unknown PI0-FAST variant {name!r}; choose from {', '.join(sorted(FAST_VARIANTS))}")
+        return cls(**{**FAST_VARIANTS[name](), **overrides})
+
+
+def _tiny_siglip(image_size: int) -> SiglipConfig:
+    return SiglipConfig(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=14, image_size=image_size)
+
+
+FAST_VARIANTS: dict[str, Any] = {
+    "pi0_fast": lambda: {},
+    "pi0_fast_tiny": lambda: {
+        "vision": _tiny_siglip(224),
+        "paligemma": GemmaConfig(width=16, depth=2, mlp_dim=64, num_heads=8, num_kv_heads=1, head_dim=16),
+    },
+    # 1024 text ids + up to 383 FAST ids (offset 1407) + openpi's 128 skipped ids
+    "pi0_fast_micro": lambda: {
+        "vision": _tiny_siglip(112),
+        "paligemma": GemmaConfig(width=64, depth=2, mlp_dim=128, num_heads=4, num_kv_heads=1, head_dim=16),
+        "vocab_size": 1536,
+        "max_token_len": 128,
+    },
+}
 
 
 class PI0FAST(nn.Module):
@@ -111,8 +144,11 @@ class PI0FAST(nn.Module):
         return out[:, -t:]
 
     def logits(self, pre_logits: torch.Tensor) -> torch.Tensor:
-        """Tied decoder: pre-logits times the token embedding, in float32."""
-        return pre_logits.float() @ self.llm.embed_tokens.weight.float().t()
+        """Tied decoder: pre-logits times the token embedding in the table's dtype (as openpi's `jnp.dot`: bf16
+        logits for a bf16 model), returned as float32. Never a float32 copy of the 257152-row table: that copy
+        cost more than the rest of a decoding step and 4 GiB (weights + gradient) in training."""
+        weight = self.llm.embed_tokens.weight
+        return F.linear(pre_logits.to(weight.dtype), weight).float()
 
     def token_logp(self, obs: Observation) -> torch.Tensor:
         """log p(token_{i+1} | tokens_<=i, images) for i = 0..T-2: (B, T-1) float32 (the LOOP ratio's ingredient)."""
@@ -126,19 +162,8 @@ class PI0FAST(nn.Module):
         mask = obs.token_loss_mask[:, 1:].float()
         return -(self.token_logp(obs) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
-    @torch.no_grad()
-    def sample_tokens(
-        self,
-        obs: Observation,
-        max_decoding_steps: int = 256,
-        temperature: float = 0.0,
-        generator: torch.Generator | None = None,
-        return_logits: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Decode action tokens after the prompt: (B, max_decoding_steps) long, zeros after the stop.
-
-        With `return_logits`, also the full-vocabulary logits each token was chosen from (one (B, V) per step).
-        """
+    def _prefill(self, obs: Observation, max_decoding_steps: int) -> dict[str, Any]:
+        """openpi's decode prefill: rolled (left-aligned) prefix into a cache with `max_decoding_steps` zero slots."""
         tokens, input_mask, ar = self.embed_inputs(obs)
         attn = make_attn_mask(input_mask, ar)
         b, s = input_mask.shape
@@ -149,8 +174,6 @@ class PI0FAST(nn.Module):
         tokens = tokens.gather(1, perm[..., None].expand(-1, -1, tokens.shape[-1]))
         input_mask = input_mask.gather(1, perm)
         attn = attn.gather(1, perm[:, :, None].expand(-1, -1, s)).gather(2, perm[:, None, :].expand(-1, s, -1))
-        prefill_len = input_mask.sum(-1)
-        prefix_start = s - prefill_len
         positions = torch.cumsum(input_mask.long(), dim=1) - 1
         # openpi prefills into a cache of prefill + max_decoding_steps zero slots, and its fully masked rows (masked
         # cameras) spread a uniform softmax over all of them; later tokens attend to those rows' keys and values, so
@@ -164,25 +187,90 @@ class PI0FAST(nn.Module):
             [tokens], positions, torch.cat([no_slot, attn], 2), kv_cache=[(empty, empty)] * len(self.llm.layers),
             return_kv=True,
         )  # fmt: skip
-        last = self.logits(out[:, -1])
-        output = torch.zeros(b, max_decoding_steps, dtype=torch.long, device=tokens.device)
+        prefill_len = input_mask.sum(-1)
+        return {
+            "cache": cache,
+            "last": self.logits(out[:, -1]),
+            "prefill_len": prefill_len,
+            "prefix_start": s - prefill_len,
+            "length": s,
+            "dtype": tokens.dtype,
+        }
+
+    def _decode_mask(self, pre: dict[str, Any], num_new: int, done: int) -> torch.Tensor:
+        """(B, num_new, length + done + num_new): decoded tokens see the prefix from its first valid token (a range,
+        masked images inside it included, as openpi) and the decoded tokens up to themselves."""
+        device = pre["last"].device
+        slots = torch.arange(pre["length"] + done + num_new, device=device)
+        prefix = slots[None, None] >= pre["prefix_start"][:, None, None]
+        causal = slots[None] < (pre["length"] + done + 1 + torch.arange(num_new, device=device))[:, None]
+        return prefix & causal[None]
+
+    @torch.no_grad()
+    def sample_tokens(
+        self,
+        obs: Observation,
+        max_decoding_steps: int = 256,
+        temperature: float = 0.0,
+        generator: torch.Generator | None = None,
+        return_logits: bool = False,
+        return_logp: bool = False,
+    ) -> Any:
+        """Decode action tokens after the prompt: (B, max_decoding_steps) long, zeros after the stop.
+
+        With `return_logits`, also the full-vocabulary logits each token was chosen from (one (B, V) per step); with
+        `return_logp`, also each token's log-probability under the sampling distribution softmax(logits / T)
+        (T = 1 when greedy), (B, max_decoding_steps) float32: the LOOP ratio's log pi_old.
+        """
+        pre = self._prefill(obs, max_decoding_steps)
+        b = pre["last"].shape[0]
+        device, cache, last = pre["last"].device, pre["cache"], pre["last"]
+        output = torch.zeros(b, max_decoding_steps, dtype=torch.long, device=device)
+        logp = torch.zeros(b, max_decoding_steps, dtype=torch.float32, device=device)
         step_logits = []
+        scale = temperature if temperature > 0 else 1.0
         for step in range(max_decoding_steps):
             step_logits.append(last)
+            logprobs = F.log_softmax(last.float() / scale, -1)
             if temperature > 0:
-                token = torch.multinomial(F.softmax(last / temperature, -1), 1, generator=generator)[:, 0]
+                token = torch.multinomial(logprobs.exp(), 1, generator=generator)[:, 0]
             else:
                 token = last.argmax(-1)
             output[:, step] = token
+            logp[:, step] = logprobs.gather(-1, token[:, None])[:, 0]
             if bool((token == EOS_ID).all()):
                 break
-            emb = self.llm.embed(token[:, None]).to(tokens.dtype)
-            pos = (prefill_len + step + 1)[:, None]
-            slots = torch.arange(s + step + 1, device=tokens.device)
-            mask = (slots[None] >= prefix_start[:, None])[:, None, :]
-            (out,), new = self.llm([emb], pos, mask, kv_cache=cache, return_kv=True)
+            emb = self.llm.embed(token[:, None]).to(pre["dtype"])
+            pos = (pre["prefill_len"] + step + 1)[:, None]
+            (out,), new = self.llm([emb], pos, self._decode_mask(pre, 1, step), kv_cache=cache, return_kv=True)
             cache = [
                 (torch.cat([k, nk], 2), torch.cat([v, nv], 2)) for (k, v), (nk, nv) in zip(cache, new, strict=True)
             ]
             last = self.logits(out[:, -1])
-        return (output, step_logits) if return_logits else output
+        result: tuple = (output,)
+        if return_logits:
+            result += (step_logits,)
+        if return_logp:
+            result += (logp,)
+        return result if len(result) > 1 else output
+
+    def action_logp(
+        self,
+        obs: Observation,
+        tokens: torch.Tensor,
+        temperature: float = 1.0,
+        max_decoding_steps: int = 256,
+    ) -> torch.Tensor:
+        """log pi(token_i | prompt, tokens_<i) of decoded tokens (B, N) in one teacher-forced pass, laid out exactly
+        as `sample_tokens` decodes them (rolled prefix, zero slots, the position gap, range mask), so at unchanged
+        weights it equals the log-probs recorded while sampling. (B, N) float32, differentiable."""
+        pre = self._prefill(obs, max_decoding_steps)
+        n = tokens.shape[1]
+        logits = [pre["last"][:, None]]
+        if n > 1:
+            emb = self.llm.embed(tokens[:, :-1]).to(pre["dtype"])
+            pos = pre["prefill_len"][:, None] + 1 + torch.arange(n - 1, device=emb.device)[None]
+            (out,), _ = self.llm([emb], pos, self._decode_mask(pre, n - 1, 0), kv_cache=pre["cache"])
+            logits.append(self.logits(out))
+        logprobs = F.log_softmax(torch.cat(logits, 1) / (temperature if temperature > 0 else 1.0), -1)
+        return logprobs.gather(-1, tokens[..., None].long())[..., 0]

@@ -38,12 +38,9 @@ def dct_matrix(n: int) -> np.ndarray:
     return c
 
 
-def fast_to_paligemma(ids: np.ndarray | list[int]) -> np.ndarray:
-    return PALIGEMMA_FAST_OFFSET - np.asarray(ids, dtype=np.int64)
-
-
-def paligemma_to_fast(ids: np.ndarray | list[int]) -> np.ndarray:
-    return PALIGEMMA_FAST_OFFSET - np.asarray(ids, dtype=np.int64)
+def fast_to_paligemma(ids: np.ndarray | list[int], offset: int = PALIGEMMA_FAST_OFFSET) -> np.ndarray:
+    """PaliGemma ids of FAST ids (offset - k); the mapping is its own inverse."""
+    return offset - np.asarray(ids, dtype=np.int64)
 
 
 def _tokenizers():
@@ -80,8 +77,8 @@ class FASTActionTokenizer:
         """FAST ids of one chunk (T, D)."""
         return self.bpe.encode(self._text(chunk)).ids
 
-    def decode(self, ids: list[int] | np.ndarray, time_horizon: int, action_dim: int) -> np.ndarray:
-        """A (time_horizon, action_dim) chunk; zeros (with a warning) if the ids do not decode to that shape."""
+    def try_decode(self, ids: list[int] | np.ndarray, time_horizon: int, action_dim: int) -> np.ndarray | None:
+        """A (time_horizon, action_dim) chunk, or None if the ids do not decode to that shape."""
         ids = [int(i) for i in ids]
         if self.bpe.decoder is not None:  # e.g. a byte-level BPE: let its decoder undo the byte mapping
             text = self.bpe.decode(ids)
@@ -89,14 +86,18 @@ class FASTActionTokenizer:
             text = "".join(self.bpe.id_to_token(i) or "" for i in ids)
         coeff = np.array([ord(ch) + self.min_token for ch in text], dtype=np.float64)
         if coeff.size != time_horizon * action_dim:
+            return None
+        return dct_matrix(time_horizon).T @ (coeff.reshape(time_horizon, action_dim) / self.scale)
+
+    def decode(self, ids: list[int] | np.ndarray, time_horizon: int, action_dim: int) -> np.ndarray:
+        """A (time_horizon, action_dim) chunk; zeros (with a warning) if the ids do not decode to that shape."""
+        chunk = self.try_decode(ids, time_horizon, action_dim)
+        if chunk is None:
             logger.warning(
-                "FAST tokens decode to %d coefficients, expected %d x %d; returning zeros",
-                coeff.size,
-                time_horizon,
-                action_dim,
+                "FAST tokens do not decode to %d x %d coefficients; returning zeros", time_horizon, action_dim
             )
             return np.zeros((time_horizon, action_dim))
-        return dct_matrix(time_horizon).T @ (coeff.reshape(time_horizon, action_dim) / self.scale)
+        return chunk
 
     # -------------------------------------------------------------- building
 

@@ -18,7 +18,7 @@ import torch
 from pi0_lightning.model.graphs import CUDAGraphSampler
 from pi0_lightning.model.observation import Observation
 from pi0_lightning.model.pi0 import PI0
-from pi0_lightning.policy.tokenizer import PromptTokenizer, find_tokenizer_file
+from pi0_lightning.policy.tokenizer import PromptTokenizer
 from pi0_lightning.policy.transforms import LiberoTransforms, Normalizer, libero_state
 
 
@@ -82,31 +82,6 @@ class LiberoPolicy:
         )
         tok = PromptTokenizer.from_file(tokenizer_file, max_len=model.config.max_token_len)
         return cls(model, tok, transforms, **kwargs)
-
-    @classmethod
-    def from_checkpoint(
-        cls,
-        path: str | Path,
-        device: str | torch.device = "cpu",
-        dtype: str | None = None,
-        tokenizer: str | Path | None = None,
-        delta_actions: bool | None = None,
-        norm_mode: str | None = None,
-        num_steps: int = 10,
-    ) -> LiberoPolicy:
-        """A converted checkpoint directory with its bundled tokenizer (or `tokenizer`) and norm_stats.json."""
-        path = Path(path)
-        model = PI0.from_pretrained(path, dtype=dtype, device=device)
-        tok_file = Path(tokenizer) if tokenizer else find_tokenizer_file(path)
-        if tok_file is None:
-            raise FileNotFoundError(
-                f"{path} bundles no PaliGemma tokenizer; pass one (paligemma_tokenizer.model or tokenizer.model)"
-            )
-        if not (path / "norm_stats.json").is_file():
-            raise FileNotFoundError(f"{path} has no norm_stats.json (convert the checkpoint with its assets)")
-        return cls.build(
-            model, path / "norm_stats.json", tok_file, delta_actions, norm_mode, num_steps=num_steps, device=device
-        )
 
     def _tokenize(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
         if prompt not in self._prompt_cache:

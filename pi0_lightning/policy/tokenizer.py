@@ -30,8 +30,7 @@ Deliberate differences from openpi, none of which change the ids:
   ``tokenizers`` package. That path assumes the JSON describes the same PaliGemma vocabulary (as the HF PaliGemma
   repositories do); special tokens are added by us, never by the JSON's post-processor.
 
-PI0-FAST (state and FAST action tokens in the prefix/postfix) is not implemented yet; a subclass can override
-:meth:`PromptTokenizer.build_ids` to add it.
+PI0-FAST prompts (state in the prefix, FAST action tokens in the postfix) are :class:`FASTPromptTokenizer`'s.
 """
 
 from __future__ import annotations
@@ -361,31 +360,31 @@ class FASTPromptTokenizer(PromptTokenizer):
     + encode("|") + EOS. Right-padded with 0 to `max_len` (openpi's pi0_fast_libero: 180).
     """
 
+    fast_offset: int = 257_152 - 1 - 128
+    """PaliGemma id of FAST id 0 (the model's `PI0FASTConfig.fast_offset`)."""
+
     def encode_fast(
         self, prompt: str, state: np.ndarray, action_ids: Sequence[int] | None = None
     ) -> dict[str, np.ndarray]:
-        from pi0_lightning.policy.fast import fast_to_paligemma
+        """tokens, mask, ar_mask, loss_mask (each (max_len,)) of the prefix, plus the postfix if `action_ids`."""
+        return self.fast_layout(self.fast_prefix(prompt, state), action_ids)
 
+    def fast_prefix(self, prompt: str, state: np.ndarray) -> list[int]:
         clean = _as_text(prompt).lower().strip().replace("_", " ")
         state_str = " ".join(map(str, discretize_state(_as_state(state))))
-        prefix = [self.processor.bos_id] + self.processor.encode(f"Task: {clean}, State: {state_str};\n")
+        return [self.processor.bos_id] + self.processor.encode(f"Task: {clean}, State: {state_str};\n")
+
+    def fast_layout(self, prefix: list[int], action_ids: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+        """A prefix's ids followed (if `action_ids`) by the postfix, padded, with openpi's ar and loss masks."""
+        from pi0_lightning.policy.fast import fast_to_paligemma
+
         postfix: list[int] = []
         if action_ids is not None:
-            postfix = self.processor.encode(ACTION_CUE) + [int(i) for i in fast_to_paligemma(list(action_ids))]
+            postfix = self.processor.encode(ACTION_CUE)
+            postfix += [int(i) for i in fast_to_paligemma(list(action_ids), self.fast_offset)]
             postfix += self.processor.encode(ACTION_END) + [EOS_ID]
         tokens, mask = self.pad_or_truncate(prefix + postfix)
         ar = np.zeros(self.max_len, dtype=np.int64)
         ar[len(prefix) : len(prefix) + len(postfix)] = 1
         loss = ar.astype(bool)
         return {"tokens": tokens, "mask": mask, "ar_mask": ar & mask, "loss_mask": loss & mask}
-
-    def extract_action_ids(self, ids: Sequence[int]) -> list[int] | None:
-        """FAST ids from decoded PaliGemma ids: the text between "Action: " and "|", re-encoded and mapped back;
-        None if there is no "Action: " (openpi then returns zero actions)."""
-        from pi0_lightning.policy.fast import paligemma_to_fast
-
-        text = self.processor.decode([int(i) for i in ids if int(i) not in (PAD_ID, EOS_ID)])
-        if ACTION_CUE not in text:
-            return None
-        body = text.split(ACTION_CUE, 1)[1].split(ACTION_END, 1)[0].strip()
-        return [int(i) for i in paligemma_to_fast(self.processor.encode(body))]

@@ -10,12 +10,15 @@ time. No KL term and no value function (RIPT); several epochs over the same roll
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 
 @dataclass
 class LOOPLossConfig:
+    name: Literal["loop"] = "loop"
+    """Selects this loss in a config (`loss: {name: loop}`); the PI0-FAST default."""
     clip_low: float = 0.2
     """eps_low of the PPO clip."""
     clip_high: float | None = None

@@ -37,6 +37,8 @@ from pi0_lightning.model.pi0 import COND_NEGATIVE, COND_NULL, COND_POSITIVE, PI0
 
 @dataclass
 class CFGLossConfig:
+    name: Literal["cfg"] = "cfg"
+    """Selects this loss in a config (`loss: {name: cfg}`); the PI0 / PI0.5 default."""
     variant: Literal["two_branch", "three_label"] = "two_branch"
     """two_branch: weight(A)*1[A>0]*FM(pos) + alpha*FM(null); three_label: one branch, labels pos/neg with dropout."""
     alpha: float = 0.1

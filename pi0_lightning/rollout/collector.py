@@ -140,7 +140,8 @@ class RolloutCollector:
                 break
             t0 = time.perf_counter()
             inputs = self.policy.prepare([s.obs for s in queried], [s.request.prompt for s in queried])
-            model_actions, env_actions = self.policy.act(inputs, seed=hash((cfg.seed, wave, call)) & 0x7FFFFFFF)
+            model_actions, env_actions, *extra = self.policy.act(inputs, seed=hash((cfg.seed, wave, call)) & 0x7FFFFFFF)
+            records = extra[0] if extra else [None] * len(queried)
             stats.policy_seconds += time.perf_counter() - t0
             stats.policy_calls += 1
             rows = {id(s): k for k, s in enumerate(queried)}
@@ -148,7 +149,7 @@ class RolloutCollector:
             for s in active:
                 k = rows[id(s)]
                 padded = np.zeros_like(model_actions[k], dtype=np.float32)
-                chunks[id(s)] = Chunk(inputs[k], padded, 0, s.result.length)
+                chunks[id(s)] = Chunk(inputs[k], padded, 0, s.result.length, records[k])
             for j in range(cfg.replan_steps):
                 active = [s for s in active if not s.done]
                 if not active:

@@ -38,6 +38,8 @@ class Chunk:
     """How many of the chunk's actions were executed before replanning or the episode's end."""
     step: int
     """Policy step (after the wait steps) at which the chunk started."""
+    record: Any = None
+    """What the policy returned about this row besides actions (PI0-FAST: sampled tokens and their log-probs)."""
 
     @property
     def action_mask(self) -> np.ndarray:
@@ -97,5 +99,6 @@ class ChunkPolicy(Protocol):
     def prepare(self, observations: list[dict[str, np.ndarray]], prompts: list[str]) -> list[Any]:
         """Compact per-observation policy inputs (stored with each chunk for training)."""
 
-    def act(self, inputs: list[Any], seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """One batched call: (model-space actions (B, H, D), env actions (B, H, 7)); `seed` fixes the noise."""
+    def act(self, inputs: list[Any], seed: int) -> tuple[np.ndarray, ...]:
+        """One batched call: (model-space actions (B, H, D), env actions (B, H, 7)), optionally followed by one
+        record per row that is stored with the chunk (`Chunk.record`); `seed` fixes the noise."""

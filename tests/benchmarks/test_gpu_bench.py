@@ -77,3 +77,16 @@ def test_real_pi0_on_cuda(capsys):
     assert 0 < infer["frac_peak"] < 1
     assert 3000 < results["params_m"] < 3600
     assert all(isinstance(r["step_ms"], float) for r in results["training"])  # batch 1 fits an 80 GB GPU
+
+
+def test_fast_decode_cpu_smoke(one_thread, tmp_path, capsys):
+    from pi0_lightning.benchmarks.fast_decode import main as fast_main
+
+    out = tmp_path / "fast.json"
+    argv = ["--device", "cpu", "--variant", "pi0_fast_micro", "--batches", "1", "--tokens", "4"]
+    results = fast_main([*argv, "--train-batches", "2", "--train-tokens", "3", "--repeats", "1", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert "| batch | tokens decoded | ms / chunk | ms / token |" in text and "LOOP step ms" in text
+    (row,) = results["decode"]
+    assert row["tokens"] == 4 and row["ms"] > 0 and results["loop_step"][0]["ms"] > 0
+    assert json.loads(out.read_text())["variant"] == "pi0_fast_micro"

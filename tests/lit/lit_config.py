@@ -7,7 +7,9 @@ from pathlib import Path
 import yaml
 
 
-def write_config(tmp_path: Path, epochs: int = 1, extra_callbacks: list | None = None, **data_overrides) -> Path:
+def write_config(
+    tmp_path: Path, epochs: int = 1, extra_callbacks: list | None = None, model: dict | None = None, **data_overrides
+) -> Path:
     run = tmp_path / "run"
     data = {
         "env": {"name": "reach", "num_workers": 4, "start_method": "forkserver"},
@@ -64,7 +66,8 @@ def write_config(tmp_path: Path, epochs: int = 1, extra_callbacks: list | None =
                 *(extra_callbacks or []),
             ],
         },
-        "model": {
+        "model": model
+        or {
             "variant": "pi0_micro",
             "action_horizon": 10,
             "eval_guidance": [1.0, 2.0],

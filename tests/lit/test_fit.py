@@ -115,3 +115,21 @@ def test_two_process_ddp_stays_in_lockstep(tmp_path):
     valid = [sum(s["valid"] for s in st) for st in steps]
     total_slots = 8 * len(steps[0])
     assert min(valid) < total_slots  # padding with masked samples happened on at least one rank
+
+
+def test_fast_fit_validate_and_export(tmp_path):
+    """PI0-FAST through the same CLI: LOOP rollouts with token records, validation, resume assets, export."""
+    from pi0_lightning.policy.libero_fast import LiberoFASTPolicy
+    from pi0_lightning.policy.loading import load_policy
+
+    model = {"variant": "pi0_fast_micro", "max_decoding_steps": 12, "eval_temperature": 0.0}
+    config = write_config(tmp_path, epochs=1, model=model, video_episodes=0)
+    assert main(["fit", "--config", str(config)]) == 0
+    run = tmp_path / "run"
+    stats = json.loads((run / "rollout_stats.jsonl").read_text().splitlines()[0])
+    assert 0.0 <= stats["rollout/undecodable_frac"] <= 1.0  # a random PI0-FAST rarely writes a decodable action
+    policy = load_policy(run / "export", max_decoding_steps=12)
+    assert isinstance(policy, LiberoFASTPolicy) and policy.action_tokenizer.vocab_size > 0
+    runs = mlflow_runs(tmp_path)
+    assert runs["metrics.val/success_rate"].notna().all() and "metrics.train/ratio_mean" in runs.columns
+    assert main(["validate", "--config", str(config), "--ckpt_path", str(run / "checkpoints" / "last.ckpt")]) == 0

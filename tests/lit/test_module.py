@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import random_observation
@@ -94,3 +95,64 @@ def test_export_merges_lora_and_loads_as_plain_pi0(tmp_path):
     loaded = PI0.from_pretrained(m.export_pretrained(tmp_path / "export"))
     assert not any("lora" in n for n, _ in loaded.named_parameters())
     torch.testing.assert_close(loaded.sample_actions(obs, noise=noise, num_steps=2), expected, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- PI0-FAST (LOOP)
+
+
+def test_fast_variant_trains_with_loop_and_mismatches_are_clear_errors():
+    from pi0_lightning.rl.loop import LOOPLossConfig
+    from pi0_lightning.rl.losses import CFGLossConfig
+
+    assert isinstance(PI0RLModule(variant="pi0_fast_micro").loss_config, LOOPLossConfig)
+    assert isinstance(PI0RLModule(variant="pi0_tiny").loss_config, CFGLossConfig)
+    with pytest.raises(ValueError, match="PI0-FAST trains with loss"):
+        PI0RLModule(variant="pi0_fast_micro", loss=CFGLossConfig())
+    with pytest.raises(ValueError, match="PI0 / PI0.5 with loss"):
+        PI0RLModule(variant="pi0_tiny", loss=LOOPLossConfig())
+    with pytest.raises(ValueError, match="rollout_temperature must be > 0"):
+        PI0RLModule(variant="pi0_fast_micro", rollout_temperature=0.0)
+    with pytest.raises(ValueError, match="no action expert"):
+        PI0RLModule(variant="pi0_fast_micro", trainable="action_expert").configure_model()
+
+
+def test_loop_training_step_starts_at_ratio_one_and_moves_toward_positive_tokens():
+    """A real batch: reach observations -> FAST rollout policy (T = 1) -> token records -> collate -> LOOP step."""
+    from functools import partial
+    from types import SimpleNamespace
+
+    from pi0_lightning.data.samples import TrainSample, collate
+    from pi0_lightning.envs.reach import ReachEnv
+    from pi0_lightning.envs.spec import EnvConfig, build_env_spec
+    from pi0_lightning.rl.loop import loop_loss
+
+    # a random model's token distributions are nearly one-hot; a high temperature keeps the log-probs unsaturated
+    m = PI0RLModule(variant="pi0_fast_micro", max_decoding_steps=12, rollout_temperature=8.0)
+    m.configure_model()
+    m._resolve_policy_assets(SimpleNamespace(spec=build_env_spec(EnvConfig(name="reach"))))
+    policy = m.rollout_policy()
+    env = ReachEnv()
+    observations = [env.reset(seed=k, options={"task_id": 0, "init_state": k})[0] for k in range(4)]
+    inputs = policy.prepare(observations, ["reach the red target"] * 4)
+    model_actions, _, records = policy.act(inputs, seed=0)
+    samples = [
+        TrainSample(x, a, np.ones(10, bool), adv, True, 0, r)
+        for x, a, adv, r in zip(inputs, model_actions, [1.0, -1.0, 1.0, -1.0], records, strict=True)
+    ]
+    batch = collate(samples, partial(policy.to_observation, device="cpu"))
+    logged = {}
+    m.log = lambda name, value, **kw: logged.__setitem__(name, float(torch.as_tensor(value).detach()))
+    m.model.train()
+    loss = m.training_step(batch, 0)
+    assert logged["train/ratio_mean"] == pytest.approx(1.0, abs=1e-5) and logged["train/clip_frac"] == 0.0
+    opt = torch.optim.SGD(m.model.parameters(), lr=0.05)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    logp = m.model.action_logp(batch["obs"], batch["tokens"], 8.0, 12)
+    _, metrics = loop_loss(
+        logp, batch["logp_old"], batch["advantages"], batch["token_mask"], batch["valid"], m.loss_config
+    )
+    gain = ((logp - batch["logp_old"]) * batch["token_mask"]).sum(1)
+    assert metrics["loss"] < loss.item()  # the step lowered the surrogate
+    assert gain[0] > 0 and gain[2] > 0 and gain[1] < gain[0]  # positive-advantage tokens became more likely

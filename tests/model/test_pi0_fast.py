@@ -1,4 +1,4 @@
-"""PI0-FAST training forward vs openpi's JAX outputs on the pi0_fast_tiny fixture (decoding comes later)."""
+"""PI0-FAST vs openpi's JAX outputs on the pi0_fast_tiny fixture: training forward, decoding, LOOP log-probs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from pi0_lightning.model.config import IMAGE_KEYS
 from pi0_lightning.model.observation import Observation
 from pi0_lightning.model.pi0 import make_attn_mask
-from pi0_lightning.model.pi0_fast import PI0FAST
+from pi0_lightning.model.pi0_fast import PI0FAST, PI0FASTConfig
 
 TOL = 1e-4
 
@@ -115,3 +115,34 @@ def test_bfloat16_decoding_gives_openpi_bfloat16_tokens(case, openpi_fixtures, t
     model = PI0FAST.from_pretrained(tmp_path / "c", dtype="bfloat16")
     infer = inference_observation(t, obs)
     assert torch.equal(model.sample_tokens(infer, max_decoding_steps=8), t("decode_output_tokens_bfloat16").long())
+
+
+def test_action_logp_recomputes_the_sampling_log_probs(case):
+    """LOOP's ratio is 1 at unchanged weights: the teacher-forced pass reproduces the decode layout (rolled prefix,
+    masked cameras, zero cache slots, position gap) of the openpi-parity decoder, at any temperature."""
+    model, t, obs = case
+    infer = inference_observation(t, obs)
+    for temperature in (0.0, 0.7):
+        g = torch.Generator().manual_seed(0)
+        tokens, logits, logp = model.sample_tokens(
+            infer, max_decoding_steps=8, temperature=temperature, generator=g, return_logits=True, return_logp=True
+        )
+        scale = temperature or 1.0
+        chosen = torch.log_softmax(torch.stack(logits, 1) / scale, -1).gather(-1, tokens[:, : len(logits), None])
+        torch.testing.assert_close(logp[:, : len(logits)], chosen[..., 0])
+        again = model.action_logp(infer, tokens, temperature=temperature, max_decoding_steps=8)
+        assert err(again[:, : len(logits)], logp[:, : len(logits)]) <= 1e-5
+    again.sum().backward()  # differentiable: the LOOP loss trains through it
+    assert model.llm.layers[0].experts[0].q_proj.weight.grad.abs().sum() > 0
+    model.zero_grad()
+
+
+def test_variants():
+    with torch.device("meta"):
+        real = PI0FAST(PI0FASTConfig.variant("pi0_fast"))
+    assert sum(p.numel() for p in real.parameters()) == 2_923_335_408  # openpi's pi0-FAST parameter count
+    assert PI0FASTConfig.variant("pi0_fast").fast_offset == 257_023
+    micro = PI0FASTConfig.variant("pi0_fast_micro")
+    assert micro.fast_offset == 1536 - 129 and micro.vision.image_size == 112
+    with pytest.raises(ValueError, match="unknown PI0-FAST variant"):
+        PI0FASTConfig.variant("pi0_fast_huge")

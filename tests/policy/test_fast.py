@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 
-from pi0_lightning.policy.fast import FASTActionTokenizer, dct_matrix, fast_to_paligemma, paligemma_to_fast
+from pi0_lightning.policy.fast import FASTActionTokenizer, dct_matrix, fast_to_paligemma
 
 pytest.importorskip("tokenizers")
 
@@ -27,7 +27,8 @@ def test_dct_is_orthonormal_and_dc_is_the_scaled_mean():
 
 def test_paligemma_mapping():
     assert fast_to_paligemma([0, 1, 2047]).tolist() == [257023, 257022, 254976]
-    assert paligemma_to_fast(fast_to_paligemma([5, 77])).tolist() == [5, 77]
+    assert fast_to_paligemma(fast_to_paligemma([5, 77])).tolist() == [5, 77]
+    assert fast_to_paligemma([0], offset=1407).tolist() == [1407]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,9 @@ def test_wrong_shape_decodes_to_zeros_with_a_warning(tokenizer, caplog):
     ids = tokenizer.encode(smooth_chunks(1)[0])
     with caplog.at_level(logging.WARNING):
         out = tokenizer.decode(ids, 12, 7)
-    assert not out.any() and out.shape == (12, 7) and "expected 12 x 7" in caplog.text
+    assert (
+        not out.any() and out.shape == (12, 7) and "12 x 7" in caplog.text and tokenizer.try_decode(ids, 12, 7) is None
+    )
 
 
 def test_save_and_load(tokenizer, tmp_path):

@@ -8,19 +8,6 @@ from pi0_lightning.policy.fast import fast_to_paligemma
 from pi0_lightning.policy.tokenizer import EOS_ID, FASTPromptTokenizer, train_small_tokenizer
 
 
-class CharEncoder:
-    """A stand-in for the PaliGemma tokenizer: one id per character (so FAST-range ids decode and re-encode)."""
-
-    bos_id = 2
-    vocab_size = 300_000
-
-    def encode(self, text: str) -> list[int]:
-        return [ord(c) for c in text]
-
-    def decode(self, ids) -> str:
-        return "".join(chr(i) for i in ids)
-
-
 def test_prefix_postfix_masks_with_a_real_sentencepiece_model(tmp_path):
     model = train_small_tokenizer(["Task: pick up the bowl, State: 1 2 3;\nAction: |"], tmp_path / "t.model")
     tok = FASTPromptTokenizer.from_file(model, max_len=96)
@@ -37,13 +24,3 @@ def test_prefix_postfix_masks_with_a_real_sentencepiece_model(tmp_path):
     assert not prefix_only["ar_mask"].any() and not prefix_only["loss_mask"].any()
     # openpi's FAST cleaning lower-cases (PI0's does not) and writes the discretised state
     assert "Task: pick up the bowl, State: 0 128 255;\n" in tok.decode(prefix_only["tokens"], prefix_only["mask"])
-
-
-def test_extract_action_ids_round_trip_and_missing_cue():
-    tok = FASTPromptTokenizer(CharEncoder(), max_len=200)
-    enc = tok.encode_fast("open the drawer", np.zeros(8), action_ids=[5, 900, 1234])
-    n = int(enc["mask"].sum())
-    postfix = enc["tokens"][enc["ar_mask"].astype(bool)]
-    assert tok.extract_action_ids(postfix) == [5, 900, 1234]
-    assert tok.extract_action_ids(enc["tokens"][: n - 1]) == [5, 900, 1234]  # the whole sequence works too
-    assert tok.extract_action_ids([ord(c) for c in "no cue here"]) is None

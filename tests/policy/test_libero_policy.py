@@ -9,6 +9,7 @@ import torch
 from pi0_lightning.model.config import PI0Config
 from pi0_lightning.model.pi0 import PI0
 from pi0_lightning.policy.libero import LiberoPolicy
+from pi0_lightning.policy.loading import load_policy
 from pi0_lightning.policy.tokenizer import PromptTokenizer, train_small_tokenizer
 from pi0_lightning.policy.transforms import LiberoTransforms, Normalizer
 
@@ -73,7 +74,7 @@ def test_observation_masks_absent_right_wrist(policy):
 def test_checkpoint_without_tokenizer_is_a_clear_error(tmp_path):
     PI0(PI0Config.variant("pi0_tiny")).save_pretrained(tmp_path / "ck", norm_stats=STATS)
     with pytest.raises(FileNotFoundError, match="bundles no PaliGemma tokenizer"):
-        LiberoPolicy.from_checkpoint(tmp_path / "ck")
+        load_policy(tmp_path / "ck")
 
 
 def test_dropping_the_always_masked_camera_changes_nothing(policy):

@@ -123,3 +123,18 @@ def test_episode_reported_invalid_when_retries_run_out(tmp_path):
 def test_replan_longer_than_horizon_is_rejected(pool):
     with pytest.raises(ValueError, match="exceeds the policy's action horizon"):
         RolloutCollector(pool, StepPolicy(), CollectorConfig(replan_steps=5))
+
+
+class RecordingPolicy(StepPolicy):
+    """Also returns one record per row (as PI0-FAST does with its sampled tokens)."""
+
+    def act(self, inputs, seed):
+        model, env = super().act(inputs, seed)
+        return model, env, [("record", x["pos"], seed) for x in inputs]
+
+
+def test_per_row_records_are_kept_with_their_chunks(pool):
+    config = CollectorConfig(replan_steps=2, max_steps=8, progress=False)
+    results, _ = RolloutCollector(pool, RecordingPolicy(), config).collect(requests(2))
+    for r in results:
+        assert [c.record[:2] for c in r.chunks] == [("record", c.step) for c in r.chunks]

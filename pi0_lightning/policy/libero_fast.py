@@ -1,0 +1,195 @@
+"""PI0-FAST as a LIBERO chunk policy (openpi's `pi0_fast_libero` pipeline), with what LOOP needs recorded.
+
+Per observation, as openpi: the images are rotated and resized like PI0's, all three cameras are valid (the absent
+right wrist is a black image with mask True), the raw 8-dim state is quantile-normalised and written into the prompt
+as 256 bins (`Task: ..., State: ...;\\n`). `act` decodes with the KV cache (greedy by default, or at a temperature),
+takes the FAST ids between `Action: ` and `|`, decodes them to a (H, 7) normalised chunk (zeros when they do not
+decode, as openpi), unnormalises it and adds the chunk-start state to the first 6 dims (delta actions).
+
+For RL each row also returns a `TokenRecord`: the decoded ids up to and including the first EOS and their
+log-probabilities under the sampling distribution, the LOOP ratio's log pi_old.
+
+Deliberate difference from openpi: the action ids are located in the decoded id sequence instead of a
+decode-to-text / re-encode round trip. For the PaliGemma tokenizer the round trip returns the same ids for
+well-formed outputs; working on ids also serves small test tokenizers that cannot spell the FAST range, and keeps
+the tokens RL trains on exactly the ones that were sampled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pi0_lightning.model.observation import Observation
+from pi0_lightning.model.pi0_fast import EOS_ID, PI0FAST
+from pi0_lightning.policy.fast import FASTActionTokenizer
+from pi0_lightning.policy.libero import PolicyInput
+from pi0_lightning.policy.tokenizer import ACTION_CUE, ACTION_END, FASTPromptTokenizer
+from pi0_lightning.policy.transforms import LiberoTransforms, Normalizer, libero_state
+
+FAST_TOKENIZER_DIR = "fast_tokenizer"
+"""Where a checkpoint directory keeps its FAST processor (`processor_config.json`, `tokenizer.json`)."""
+
+
+@dataclass
+class TokenRecord:
+    """What one decoded chunk was, for LOOP: ids through the first EOS and their sampling log-probs."""
+
+    tokens: np.ndarray  # (n,) int64
+    logp: np.ndarray  # (n,) float32
+    decoded: bool
+    """Whether the ids held a well-formed action chunk (otherwise the env got zeros)."""
+
+
+class LiberoFASTPolicy:
+    def __init__(
+        self,
+        model: PI0FAST,
+        tokenizer: FASTPromptTokenizer,
+        action_tokenizer: FASTActionTokenizer,
+        transforms: LiberoTransforms,
+        temperature: float = 0.0,
+        max_decoding_steps: int = 256,
+        device: str | torch.device = "cpu",
+    ):
+        cfg = model.config
+        lowest_fast = cfg.fast_offset - (action_tokenizer.vocab_size - 1)
+        if tokenizer.vocab_size > lowest_fast:
+            raise ValueError(
+                f"text tokenizer ids (< {tokenizer.vocab_size}) overlap the FAST ids ({lowest_fast}..{cfg.fast_offset})"
+                f" of a {cfg.vocab_size}-token model"
+            )
+        tokenizer.fast_offset = cfg.fast_offset
+        self.model = model
+        self.tokenizer = tokenizer
+        self.action_tokenizer = action_tokenizer
+        self.transforms = transforms
+        self.temperature = temperature
+        self.max_decoding_steps = max_decoding_steps
+        self.device = torch.device(device)
+        self.action_horizon = cfg.action_horizon
+        self._cue = tokenizer.processor.encode(ACTION_CUE)
+        self._end = tokenizer.processor.encode(ACTION_END)
+
+    @classmethod
+    def build(
+        cls,
+        model: PI0FAST,
+        norm_stats: str | Path | dict,
+        tokenizer_file: str | Path,
+        fast_tokenizer: str | Path | FASTActionTokenizer,
+        delta_actions: bool = True,
+        **kwargs,
+    ) -> LiberoFASTPolicy:
+        """openpi's `pi0_fast_libero` defaults: quantile normalisation, delta actions, right wrist valid."""
+        transforms = LiberoTransforms(
+            normalizer=Normalizer.from_json(norm_stats, mode="quantile"),
+            model_action_dim=model.config.action_dim,
+            delta_actions=delta_actions,
+            mask_right_wrist=False,
+            image_size=model.config.vision.image_size,
+        )
+        tok = FASTPromptTokenizer.from_file(tokenizer_file, max_len=model.config.max_token_len)
+        if not isinstance(fast_tokenizer, FASTActionTokenizer):
+            fast_tokenizer = FASTActionTokenizer.from_pretrained(fast_tokenizer)
+        return cls(model, tok, fast_tokenizer, transforms, **kwargs)
+
+    # ------------------------------------------------------------------ inputs
+
+    def prepare(self, observations: list[dict[str, np.ndarray]], prompts: list[str]) -> list[PolicyInput]:
+        out = []
+        for obs, prompt in zip(observations, prompts, strict=True):
+            agent, wrist = self.transforms.camera_images(obs["agentview"], obs["wrist"])
+            state = libero_state(obs["eef_pos"], obs["eef_quat"], obs["gripper_qpos"])
+            enc = self.tokenizer.encode_fast(prompt, self.transforms.normalizer.normalize_state(state[None])[0])
+            out.append(PolicyInput(agent, wrist, state, enc["tokens"], enc["mask"]))
+        return out
+
+    def to_observation(self, inputs: list[PolicyInput], device: str | torch.device | None = None) -> Observation:
+        raw = np.stack([x.raw_state for x in inputs])
+        model_in = self.transforms.inputs([(x.agentview, x.wrist) for x in inputs], raw)
+        tokens = torch.from_numpy(np.stack([x.tokens for x in inputs])).long()
+        return Observation(
+            images=model_in["images"],
+            image_masks=model_in["image_masks"],
+            state=model_in["state"],
+            tokenized_prompt=tokens,
+            tokenized_prompt_mask=torch.from_numpy(np.stack([x.token_mask for x in inputs])),
+            token_ar_mask=torch.zeros_like(tokens),
+        ).to(device if device is not None else self.device)
+
+    def training_observation(
+        self, inputs: list[PolicyInput], chunks: np.ndarray, device: str | torch.device | None = None
+    ) -> Observation:
+        """Supervised (openpi) training inputs: prefix + `Action: ` + FAST tokens of the normalised `chunks`
+        (B, H, D) + `|` + EOS, with the ar and loss masks; for `PI0FAST.forward`."""
+        tok = self.tokenizer
+        encoded = []
+        for x, chunk in zip(inputs, chunks, strict=True):
+            prefix = x.tokens[: int(x.token_mask.sum())].tolist()
+            encoded.append(tok.fast_layout(prefix, self.action_tokenizer.encode(chunk)))
+        obs = self.to_observation(inputs, device="cpu")
+        stack = {k: torch.from_numpy(np.stack([e[k] for e in encoded])) for k in encoded[0]}
+        obs = Observation(
+            obs.images,
+            obs.image_masks,
+            obs.state,
+            stack["tokens"].long(),
+            stack["mask"],
+            token_ar_mask=stack["ar_mask"].long(),
+            token_loss_mask=stack["loss_mask"],
+        )
+        return obs.to(device if device is not None else self.device)
+
+    # ------------------------------------------------------------------ outputs
+
+    def action_ids(self, ids: list[int]) -> list[int] | None:
+        """FAST ids between the first `Action: ` and the following `|` (or EOS / the end); None if there is no cue
+        or a non-FAST id sits in between."""
+        cue, n = self._cue, len(self._cue)
+        start = next((i + n for i in range(len(ids) - n + 1) if ids[i : i + n] == cue), None)
+        if start is None:
+            return None
+        offset, size = self.model.config.fast_offset, self.action_tokenizer.vocab_size
+        fast = []
+        for i in range(start, len(ids)):
+            if ids[i : i + len(self._end)] == self._end or ids[i] == EOS_ID:
+                break
+            if not 0 <= offset - ids[i] < size:
+                return None
+            fast.append(offset - ids[i])
+        return fast
+
+    def decode_chunk(self, ids: list[int]) -> tuple[np.ndarray, bool]:
+        """Normalised (H, D) chunk from decoded ids, and whether it was well formed (zeros otherwise, as openpi)."""
+        h, d = self.action_horizon, self.model.config.action_dim
+        fast = self.action_ids(ids)
+        chunk = self.action_tokenizer.try_decode(fast, h, d) if fast else None
+        if chunk is None:
+            return np.zeros((h, d), dtype=np.float32), False
+        return chunk.astype(np.float32), True
+
+    @torch.no_grad()
+    def act(self, inputs: list[PolicyInput], seed: int) -> tuple[np.ndarray, np.ndarray, list[TokenRecord]]:
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        tokens, logp = self.model.sample_tokens(
+            self.to_observation(inputs),
+            max_decoding_steps=self.max_decoding_steps,
+            temperature=self.temperature,
+            generator=g,
+            return_logp=True,
+        )
+        tokens, logp = tokens.cpu().numpy(), logp.cpu().numpy()
+        chunks, records = [], []
+        for row, row_logp in zip(tokens, logp, strict=True):
+            eos = np.flatnonzero(row == EOS_ID)
+            n = int(eos[0]) + 1 if eos.size else len(row)
+            chunk, ok = self.decode_chunk(row[:n].tolist())
+            chunks.append(chunk)
+            records.append(TokenRecord(row[:n].astype(np.int64), row_logp[:n].astype(np.float32), ok))
+        model_actions = np.stack(chunks)
+        env_actions = self.transforms.outputs(model_actions, np.stack([x.raw_state for x in inputs]))
+        return model_actions, env_actions, records

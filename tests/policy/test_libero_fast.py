@@ -1,0 +1,110 @@
+"""The PI0-FAST LIBERO policy: openpi's inputs, id-level action extraction, decoding, LOOP records, loading."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pi0_lightning.model.pi0_fast import EOS_ID, PI0FAST, PI0FASTConfig
+from pi0_lightning.policy.assets import small_prompt_tokenizer, smooth_chunks, synthetic_fast_tokenizer
+from pi0_lightning.policy.libero_fast import FAST_TOKENIZER_DIR, LiberoFASTPolicy
+from pi0_lightning.policy.loading import load_policy
+
+pytest.importorskip("tokenizers")
+
+PROMPT = "put the bowl on the plate"
+STATS = {
+    "norm_stats": {
+        "state": {"mean": [0.0] * 8, "std": [1.0] * 8, "q01": [-2.0] * 8, "q99": [2.0] * 8},
+        "actions": {"mean": [0.0] * 7, "std": [1.0] * 7, "q01": [-0.5] * 7, "q99": [0.5] * 7},
+    }
+}
+
+
+def raw_obs(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "agentview": rng.integers(0, 255, (64, 64, 3), dtype=np.uint8),
+        "wrist": rng.integers(0, 255, (64, 64, 3), dtype=np.uint8),
+        "eef_pos": rng.uniform(-0.5, 0.5, 3),
+        "eef_quat": np.array([0.0, 0.0, 0.0, 1.0]),
+        "gripper_qpos": np.array([0.02, -0.02]),
+    }
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fast_policy")
+    tok = small_prompt_tokenizer([PROMPT], tmp / "tokenizer.model", vocab_size=1000, fast=True)
+    return tok, synthetic_fast_tokenizer(10, 7)
+
+
+@pytest.fixture()
+def policy(assets):
+    torch.manual_seed(0)
+    model = PI0FAST(PI0FASTConfig.variant("pi0_fast_micro")).eval()
+    return LiberoFASTPolicy.build(model, STATS, assets[0], assets[1], max_decoding_steps=24)
+
+
+def test_inputs_follow_openpi_fast(policy):
+    inputs = policy.prepare([raw_obs(0), raw_obs(1)], [PROMPT] * 2)
+    obs = policy.to_observation(inputs)
+    assert all(m.all() for m in obs.image_masks.values())  # FAST keeps the absent right wrist valid
+    assert obs.images["right_wrist_0_rgb"].eq(-1).all()
+    assert not obs.token_ar_mask.any() and obs.tokenized_prompt.shape == (2, 128)
+    text = policy.tokenizer.decode(inputs[0].tokens, inputs[0].token_mask)
+    state = policy.transforms.normalizer.normalize_state(inputs[0].raw_state[None])[0]
+    bins = np.digitize(state, np.linspace(-1, 1, 257)[:-1]) - 1
+    assert f"Task: {PROMPT}, State: {' '.join(map(str, bins))};\n" in text
+
+
+def test_action_ids_are_found_between_the_cue_and_the_end(policy):
+    inputs = policy.prepare([raw_obs(0)], [PROMPT])
+    chunk = smooth_chunks(1, 10, 7, seed=5)
+    obs = policy.training_observation(inputs, chunk)
+    postfix = obs.tokenized_prompt[0][obs.token_loss_mask[0]].tolist()
+    assert postfix[-1] == EOS_ID
+    fast = policy.action_tokenizer.encode(chunk[0])
+    assert policy.action_ids(postfix) == fast
+    decoded, ok = policy.decode_chunk(postfix)
+    assert ok and np.abs(decoded - chunk[0]).max() <= 0.5 / policy.action_tokenizer.scale * np.sqrt(70)
+    # no cue, a text id inside the action span, or a wrong length: openpi's zero chunk
+    assert policy.action_ids(postfix[len(policy._cue) :]) is None
+    assert policy.action_ids(policy._cue + [5] + postfix[len(policy._cue) :]) is None
+    zeros, ok = policy.decode_chunk(policy._cue + postfix[len(policy._cue) : len(policy._cue) + 1] + [EOS_ID])
+    assert not ok and not zeros.any()
+
+
+def test_act_returns_env_actions_and_token_records(policy):
+    inputs = policy.prepare([raw_obs(0), raw_obs(1), raw_obs(2)], [PROMPT] * 3)
+    policy.temperature = 1.0
+    model_actions, env_actions, records = policy.act(inputs, seed=3)
+    again = policy.act(inputs, seed=3)[2]
+    assert model_actions.shape == (3, 10, 7) and env_actions.shape == (3, 10, 7) and len(records) == 3
+    expected = policy.transforms.outputs(model_actions, np.stack([x.raw_state for x in inputs]))
+    np.testing.assert_allclose(env_actions, expected)
+    for r, r2 in zip(records, again, strict=True):
+        assert np.array_equal(r.tokens, r2.tokens) and np.array_equal(r.logp, r2.logp)
+        assert (r.logp <= 0).all() and (r.tokens[-1] == EOS_ID or len(r.tokens) == 24)
+        assert not (r.tokens[:-1] == EOS_ID).any()
+
+
+def test_tokenizer_overlapping_the_fast_ids_is_rejected(assets):
+    model = PI0FAST(PI0FASTConfig.variant("pi0_fast_micro", vocab_size=600))
+    with pytest.raises(ValueError, match="overlap the FAST ids"):
+        LiberoFASTPolicy.build(model, STATS, assets[0], assets[1])
+
+
+def test_load_policy_reads_a_fast_checkpoint(assets, tmp_path):
+    model = PI0FAST(PI0FASTConfig.variant("pi0_fast_micro"))
+    fast_dir = assets[1].save_pretrained(tmp_path / "fast")
+    model.save_pretrained(
+        tmp_path / "ck", norm_stats=STATS, tokenizer_path=assets[0], asset_dirs={FAST_TOKENIZER_DIR: fast_dir}
+    )
+    policy = load_policy(tmp_path / "ck", temperature=0.5, max_decoding_steps=12)
+    assert isinstance(policy, LiberoFASTPolicy) and policy.temperature == 0.5 and policy.max_decoding_steps == 12
+    assert policy.transforms.delta_actions and policy.action_tokenizer.vocab_size == assets[1].vocab_size
+    model.save_pretrained(tmp_path / "bare", norm_stats=STATS, tokenizer_path=assets[0])
+    with pytest.raises(FileNotFoundError, match="bundles no FAST processor"):
+        load_policy(tmp_path / "bare")

@@ -154,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast-tokenizer", help="PI0-FAST: FAST processor directory if the checkpoint bundles none")
     p.add_argument("--temperature", type=float, default=0.0, help="PI0-FAST decoding temperature (0 = greedy)")
     p.add_argument("--max-decoding-steps", type=int, default=256, help="PI0-FAST decoding budget per chunk")
+    p.add_argument("--compile", action="store_true", help="on a GPU, torch.compile the transformer blocks (~20 s)")
+    p.add_argument(
+        "--no-cuda-graphs", dest="cuda_graphs", action="store_false", help="on a GPU, sample eagerly (slower)"
+    )
     p.add_argument(
         "--train-small-tokenizer",
         action="store_true",
@@ -193,7 +197,12 @@ def main(argv: list[str] | None = None) -> int:
             fast_tokenizer=args.fast_tokenizer,
             temperature=args.temperature,
             max_decoding_steps=args.max_decoding_steps,
+            cuda_graphs=args.cuda_graphs and str(args.device).startswith("cuda"),
         )
+        if args.compile and policy.device.type == "cuda":
+            from pi0_lightning.model.graphs import compile_blocks
+
+            compile_blocks(policy.model)
         if getattr(policy.model, "cfg_embed", None) is not None:  # CFG-trained: sample a trained branch, never "none"
             policy.guidance = 1.0 if args.guidance is None else args.guidance
         eval_requests(tasks, args.episodes, args.seed)  # validate before starting workers

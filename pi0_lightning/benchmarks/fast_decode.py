@@ -5,7 +5,8 @@ Random weights (speed does not depend on them; a random model never emits EOS, s
 prompt whose first 60 tokens are valid (a typical `Task: ..., State: ...;\\n` prefix). What is measured:
 
 1. decoding: `sample_tokens` (prefill + KV-cached greedy decoding) for 32 and 64 tokens per chunk (FAST LIBERO
-   chunks take about 30-60), at batch 1 and 8: median ms per call and per token, after warm-up, with CUDA events;
+   chunks take about 30-60), at batch 1 and 8, eager and with each step replayed as a CUDA graph
+   (`FASTGraphDecoder`): median ms per call and per token, after warm-up, with CUDA events;
 2. LOOP training: one AdamW step of `PI0FAST.action_logp` + `rl.loop.loop_loss` on 40-token chunks at batch 8 and
    16, full fine-tuning: median step time and peak memory.
 
@@ -26,6 +27,7 @@ import torch
 from pi0_lightning.benchmarks.gpu import OOM, device_info, free_memory, markdown, time_ms, warmup
 from pi0_lightning.checkpoint import build_model
 from pi0_lightning.model.config import IMAGE_KEYS
+from pi0_lightning.model.graphs import FASTGraphDecoder
 from pi0_lightning.model.observation import Observation
 from pi0_lightning.model.pi0_fast import PI0FAST, PI0FASTConfig
 from pi0_lightning.rl.loop import LOOPLossConfig, loop_loss
@@ -53,19 +55,24 @@ def build(variant: str, device: torch.device) -> PI0FAST:
     return build_model(PI0FASTConfig.variant(variant), device=device).apply_dtype_policy("bfloat16")
 
 
-def bench_decode(model: PI0FAST, device, batches, token_counts, repeats) -> list[dict[str, Any]]:
+def bench_decode(model: PI0FAST, device, batches, token_counts, repeats, modes) -> list[dict[str, Any]]:
+    """modes: eager (every step launched from Python), graph (each step replayed as a CUDA graph)."""
     rows = []
     model.eval()
-    for b in batches:
-        obs = fast_observation(model.config, b, device)
-        for n in token_counts:
-            decode = partial(model.sample_tokens, obs, max_decoding_steps=n)
-            try:
-                ms = time_ms(decode, device, warmup(device, 2), repeats)
-                rows.append({"batch": b, "tokens": n, "ms": ms, "ms_per_token": ms / n})
-            except torch.OutOfMemoryError:
-                rows.append({"batch": b, "tokens": n, "ms": OOM, "ms_per_token": OOM})
-            free_memory(device)
+    for mode in modes:
+        decoder = FASTGraphDecoder(model) if mode == "graph" else None
+        for b in batches:
+            obs = fast_observation(model.config, b, device)
+            for n in token_counts:
+                decode = partial(model.sample_tokens, obs, max_decoding_steps=n, decoder=decoder)
+                row = {"mode": mode, "batch": b, "tokens": n}
+                try:
+                    ms = time_ms(decode, device, warmup(device, 2), repeats)
+                    row.update(ms=ms, ms_per_token=ms / n)
+                except torch.OutOfMemoryError:
+                    row.update(ms=OOM, ms_per_token=OOM)
+                rows.append(row)
+                free_memory(device)
     return rows
 
 
@@ -112,15 +119,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--train-batches", type=int, nargs="+", default=[8, 16])
     p.add_argument("--train-tokens", type=int, default=40)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--modes", nargs="+", default=["eager", "graph"], choices=["eager", "graph"])
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     model = build(args.variant, device)
     result: dict[str, Any] = {"device": device_info(device), "variant": args.variant}
-    result["decode"] = bench_decode(model, device, args.batches, args.tokens, args.repeats)
+    result["decode"] = bench_decode(model, device, args.batches, args.tokens, args.repeats, args.modes)
     print(f"PI0-FAST ({args.variant}, bf16) on {result['device']['device']}\n")
-    cols = [("batch", "batch", "d"), ("tokens", "tokens decoded", "d"), ("ms", "ms / chunk", ".1f")]
+    cols = [
+        ("mode", "mode", "s"),
+        ("batch", "batch", "d"),
+        ("tokens", "tokens decoded", "d"),
+        ("ms", "ms / chunk", ".1f"),
+    ]
     print(markdown(cols + [("ms_per_token", "ms / token", ".2f")], result["decode"]))
     if not args.skip_train:
         result["loop_step"] = bench_loop_step(model, device, args.train_batches, args.train_tokens, args.repeats)

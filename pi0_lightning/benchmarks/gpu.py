@@ -43,7 +43,7 @@ import torch
 from pi0_lightning.benchmarks.cpu import observation
 from pi0_lightning.checkpoint import build_model
 from pi0_lightning.model.config import GemmaConfig, PI0Config
-from pi0_lightning.model.graphs import CUDAGraphSampler
+from pi0_lightning.model.graphs import CUDAGraphSampler, compile_blocks
 from pi0_lightning.model.pi0 import PI0
 from pi0_lightning.rl.losses import CFGLossConfig, cfg_loss
 
@@ -141,14 +141,16 @@ def bench_inference(
     mode: str = "eager",
 ) -> list[Row]:
     """mode: eager; drop-cam (the always-masked camera left out, as LiberoPolicy does); graph (drop-cam replayed
-    as one CUDA graph; capture time and the max difference to eager are reported)."""
+    as one CUDA graph; capture time and the max difference to eager are reported); compile (graph, with every
+    transformer block torch.compiled first; capture time includes compilation). `compile` compiles the model's
+    blocks in place, so run it last."""
     cfg = model.config
     model.eval()
     rows = []
     for b in batches:
         obs = observation(cfg, b).to(device)
         cameras = cfg.num_cameras
-        if mode in ("drop-cam", "graph"):
+        if mode in ("drop-cam", "graph", "compile"):
             obs.images.pop("right_wrist_0_rgb")
             obs.image_masks.pop("right_wrist_0_rgb")
             cameras -= 1
@@ -156,8 +158,8 @@ def bench_inference(
         row: Row = {"mode": mode, "batch": b, "tflop_per_call": flops / 1e12}
         noise = torch.randn(b, cfg.action_horizon, cfg.action_dim, device=device)
         sample = partial(model.sample_actions, obs, noise=noise, num_steps=NUM_STEPS)
-        if mode == "graph" and device.type == "cuda":
-            graphed = CUDAGraphSampler(model)
+        if mode in ("graph", "compile") and device.type == "cuda":
+            graphed = CUDAGraphSampler(model, compile=mode == "compile")
             start = time.perf_counter()
             out = graphed(obs, noise, NUM_STEPS)
             torch.cuda.synchronize(device)
@@ -214,10 +216,15 @@ def train_step_ms(model: PI0, device: torch.device, batch: int, loss: str, warmu
 
 
 def bench_training(
-    model: PI0, device: torch.device, batches: Sequence[int], batch_single: int, repeats: int
+    model: PI0,
+    device: torch.device,
+    batches: Sequence[int],
+    batch_single: int,
+    repeats: int,
+    trainables: Sequence[str] = ("full", "action_expert"),
 ) -> tuple[list[Row], list[Row]]:
     model.train()
-    configs = [("cfg", mode, ckpt, b) for mode in ("full", "action_expert") for ckpt in (False, True) for b in batches]
+    configs = [("cfg", mode, ckpt, b) for mode in trainables for ckpt in (False, True) for b in batches]
     configs += [("single", "full", ckpt, batch_single) for ckpt in (False, True)]
     rows = []
     for loss, mode, ckpt, b in configs:
@@ -309,7 +316,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "--batch-single", type=int, help="batch of the single-branch step (16 if trained, else the first train batch)"
     )
     parser.add_argument("--repeats", type=int, default=20, help="timed inference runs (training steps: n/4)")
-    parser.add_argument("--infer-modes", nargs="+", default=["eager"], choices=["eager", "drop-cam", "graph"])
+    parser.add_argument(
+        "--infer-modes", nargs="+", default=["eager"], choices=["eager", "drop-cam", "graph", "compile"]
+    )
+    parser.add_argument("--trainables", nargs="+", default=["full", "action_expert"], choices=["full", "action_expert"])
+    parser.add_argument(
+        "--compile-train", action="store_true", help="torch.compile the transformer blocks before the training steps"
+    )
     parser.add_argument("--skip-infer", action="store_true")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--out", type=Path, help="also write the tables as JSON here")
@@ -345,7 +358,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not args.skip_train:
         print(f"\n### training step (AdamW, chunks padded to {config.action_horizon}, {EXECUTED_ROWS} executed)\n")
         print(markdown(TRAIN_COLUMNS, []), flush=True)
-        rows, ratios = bench_training(model, device, args.batches_train, args.batch_single, args.repeats)
+        if args.compile_train:
+            compile_blocks(model)
+        rows, ratios = bench_training(
+            model, device, args.batches_train, args.batch_single, args.repeats, args.trainables
+        )
         print("\n### CFG two-branch vs single-branch step (full fine-tuning)\n")
         print(markdown(RATIO_COLUMNS, ratios), flush=True)
         results["training"], results["cfg_single_ratio"] = rows, ratios

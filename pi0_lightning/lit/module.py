@@ -79,6 +79,7 @@ class PI0RLModule(L.LightningModule):
         eval_guidance: list[float] | None = None,
         num_denoise_steps: int = 10,
         cuda_graphs: bool = False,
+        compile: bool = False,
         rollout_temperature: float = 1.0,
         eval_temperature: float = 0.0,
         max_decoding_steps: int = 256,
@@ -103,7 +104,11 @@ class PI0RLModule(L.LightningModule):
             rollout_guidance: CFG weight w used to collect training rollouts (1 = positive-conditioned policy).
             eval_guidance: CFG weights evaluated in validation; the first is logged as val/success_rate.
             num_denoise_steps: Euler steps of the flow sampler.
-            cuda_graphs: on CUDA, replay rollout sampling as CUDA graphs (one capture per batch size).
+            cuda_graphs: on CUDA, replay rollout sampling (PI0: the whole call; PI0-FAST: each decoding step) as CUDA
+                graphs (one capture per batch size).
+            compile: on CUDA (not FSDP), torch.compile every transformer block: fused kernels for rollouts (inside
+                the CUDA graphs) and training (H100, B=16 full fine-tuning step 728 -> 523 ms with checkpointing);
+                about 20 s of compilation per new input shape.
             rollout_temperature: PI0-FAST sampling temperature of training rollouts (> 0; LOOP's pi_old).
             eval_temperature: PI0-FAST decoding temperature in validation (0 = greedy, as openpi).
             max_decoding_steps: PI0-FAST decoding budget per chunk (openpi: 256).
@@ -187,6 +192,14 @@ class PI0RLModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.configure_model()
+        if self.hparams.compile and self.trainer is not None:
+            from lightning.pytorch.strategies import FSDPStrategy
+
+            strategy = self.trainer.strategy  # setup() runs before the model is moved: ask the strategy
+            if strategy.root_device.type == "cuda" and not isinstance(strategy, FSDPStrategy):
+                from pi0_lightning.model.graphs import compile_blocks
+
+                compile_blocks(self.model)
         dm = self.trainer.datamodule if self.trainer is not None else None
         self._resolve_policy_assets(dm)
         if dm is not None and dm.spec is not None:
@@ -280,6 +293,7 @@ class PI0RLModule(L.LightningModule):
                     delta_actions=self.delta_actions,
                     max_decoding_steps=hp.max_decoding_steps,
                     device=self.device,
+                    cuda_graphs=hp.cuda_graphs and self.device.type == "cuda" and self._fsdp_root() is None,
                 )
             else:
                 self._policy = LiberoPolicy.build(

@@ -206,6 +206,46 @@ class PI0FAST(nn.Module):
         causal = slots[None] < (pre["length"] + done + 1 + torch.arange(num_new, device=device))[:, None]
         return prefix & causal[None]
 
+    def decode_buffers(self, pre: dict[str, Any], max_decoding_steps: int) -> dict[str, Any]:
+        """Static decoding state: the prefix cache copied into per-layer K/V buffers with `max_decoding_steps` free
+        slots, the current token and the step counter as device tensors. Every decoding step then has the same
+        shapes (so it can be replayed as a CUDA graph, see `graphs.FASTGraphDecoder`)."""
+        b, s = pre["last"].shape[0], pre["length"]
+        cache = []
+        for k, v in pre["cache"]:
+            big_k = k.new_zeros(b, k.shape[1], s + max_decoding_steps, k.shape[3])
+            big_v = torch.zeros_like(big_k)
+            big_k[:, :, :s], big_v[:, :, :s] = k, v
+            cache.append((big_k, big_v))
+        device = pre["last"].device
+        return {
+            "cache": cache,
+            "token": torch.zeros(b, dtype=torch.long, device=device),
+            "step": torch.zeros((), dtype=torch.long, device=device),
+            "prefill_len": pre["prefill_len"].clone(),
+            "prefix_start": pre["prefix_start"].clone(),
+            "length": s,
+            "dtype": pre["dtype"],
+        }
+
+    def decode_step(self, buf: dict[str, Any]) -> torch.Tensor:
+        """Embed `buf["token"]` as decoded token number `buf["step"]`, write its keys/values into the cache and
+        return the next token's float32 logits (B, V). Slots not yet written are masked out (weight exactly 0), so
+        this equals attending to a growing cache."""
+        s = buf["length"]
+        total = buf["cache"][0][0].shape[2]
+        emb = self.llm.embed(buf["token"][:, None]).to(buf["dtype"])
+        pos = (buf["prefill_len"] + buf["step"] + 1)[:, None]
+        slots = torch.arange(total, device=emb.device)[None]
+        seen = (slots >= buf["prefix_start"][:, None]) & (slots < s + buf["step"])
+        mask = torch.cat([seen, torch.ones_like(seen[:, :1])], 1)[:, None, :]  # the new token sees itself last
+        (out,), new = self.llm([emb], pos, mask, kv_cache=buf["cache"], return_kv=True)
+        slot = (s + buf["step"]).view(1)
+        for (k, v), (nk, nv) in zip(buf["cache"], new, strict=True):
+            k.index_copy_(2, slot, nk)
+            v.index_copy_(2, slot, nv)
+        return self.logits(out[:, -1])
+
     @torch.no_grad()
     def sample_tokens(
         self,
@@ -215,22 +255,29 @@ class PI0FAST(nn.Module):
         generator: torch.Generator | None = None,
         return_logits: bool = False,
         return_logp: bool = False,
+        decoder: Any = None,
     ) -> Any:
         """Decode action tokens after the prompt: (B, max_decoding_steps) long, zeros after the stop.
 
         With `return_logits`, also the full-vocabulary logits each token was chosen from (one (B, V) per step); with
         `return_logp`, also each token's log-probability under the sampling distribution softmax(logits / T)
-        (T = 1 when greedy), (B, max_decoding_steps) float32: the LOOP ratio's log pi_old.
+        (T = 1 when greedy), (B, max_decoding_steps) float32: the LOOP ratio's log pi_old. `decoder` replaces the
+        eager steps (`prepare(pre, steps) -> buffers`, `step(buffers) -> logits`), e.g. a CUDA-graph replay.
         """
         pre = self._prefill(obs, max_decoding_steps)
+        if decoder is None:
+            buf, step_fn = self.decode_buffers(pre, max_decoding_steps), self.decode_step
+        else:
+            buf, step_fn = decoder.prepare(pre, max_decoding_steps), decoder.step
         b = pre["last"].shape[0]
-        device, cache, last = pre["last"].device, pre["cache"], pre["last"]
+        device, last = pre["last"].device, pre["last"]
         output = torch.zeros(b, max_decoding_steps, dtype=torch.long, device=device)
         logp = torch.zeros(b, max_decoding_steps, dtype=torch.float32, device=device)
         step_logits = []
         scale = temperature if temperature > 0 else 1.0
         for step in range(max_decoding_steps):
-            step_logits.append(last)
+            if return_logits:
+                step_logits.append(last.clone())
             logprobs = F.log_softmax(last.float() / scale, -1)
             if temperature > 0:
                 token = torch.multinomial(logprobs.exp(), 1, generator=generator)[:, 0]
@@ -240,13 +287,9 @@ class PI0FAST(nn.Module):
             logp[:, step] = logprobs.gather(-1, token[:, None])[:, 0]
             if bool((token == EOS_ID).all()):
                 break
-            emb = self.llm.embed(token[:, None]).to(pre["dtype"])
-            pos = (pre["prefill_len"] + step + 1)[:, None]
-            (out,), new = self.llm([emb], pos, self._decode_mask(pre, 1, step), kv_cache=cache, return_kv=True)
-            cache = [
-                (torch.cat([k, nk], 2), torch.cat([v, nv], 2)) for (k, v), (nk, nv) in zip(cache, new, strict=True)
-            ]
-            last = self.logits(out[:, -1])
+            buf["token"].copy_(token)
+            buf["step"].fill_(step)
+            last = step_fn(buf)
         result: tuple = (output,)
         if return_logits:
             result += (step_logits,)

@@ -43,6 +43,7 @@ class LiberoPolicy:
         device: str | torch.device = "cpu",
         drop_masked_cameras: bool = True,
         cuda_graphs: bool = False,
+        compile: bool = False,
     ):
         if tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(
@@ -56,8 +57,9 @@ class LiberoPolicy:
         # a camera masked in every row (LIBERO's absent right wrist) contributes nothing: its tokens are excluded from
         # attention and do not move positions, so leaving it out gives the same outputs for a third less compute
         self.drop_masked_cameras = drop_masked_cameras
-        # replay sample_actions as CUDA graphs (one capture per batch size; ~5x faster at small batch on an H100)
-        self.graphs = CUDAGraphSampler(model) if cuda_graphs else None
+        # replay sample_actions as CUDA graphs (one capture per batch size; ~5x faster at small batch on an H100),
+        # optionally with torch.compiled transformer blocks inside (another 1.4-1.5x; ~20 s compile per shape)
+        self.graphs = CUDAGraphSampler(model, compile=compile) if cuda_graphs else None
         self.action_horizon = model.config.action_horizon
         self._prompt_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 

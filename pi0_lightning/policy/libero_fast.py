@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pi0_lightning.model.graphs import FASTGraphDecoder
 from pi0_lightning.model.observation import Observation
 from pi0_lightning.model.pi0_fast import EOS_ID, PI0FAST
 from pi0_lightning.policy.fast import FASTActionTokenizer
@@ -54,6 +55,7 @@ class LiberoFASTPolicy:
         temperature: float = 0.0,
         max_decoding_steps: int = 256,
         device: str | torch.device = "cpu",
+        cuda_graphs: bool = False,
     ):
         cfg = model.config
         lowest_fast = cfg.fast_offset - (action_tokenizer.vocab_size - 1)
@@ -71,6 +73,8 @@ class LiberoFASTPolicy:
         self.max_decoding_steps = max_decoding_steps
         self.device = torch.device(device)
         self.action_horizon = cfg.action_horizon
+        # replay each decoding step as a CUDA graph (eager off CUDA)
+        self.decoder = FASTGraphDecoder(model) if cuda_graphs else None
         self._cue = tokenizer.processor.encode(ACTION_CUE)
         self._end = tokenizer.processor.encode(ACTION_END)
 
@@ -181,6 +185,7 @@ class LiberoFASTPolicy:
             temperature=self.temperature,
             generator=g,
             return_logp=True,
+            decoder=self.decoder,
         )
         tokens, logp = tokens.cpu().numpy(), logp.cpu().numpy()
         chunks, records = [], []

@@ -29,9 +29,10 @@ def load_policy(
     num_steps: int = 10,
     temperature: float = 0.0,
     max_decoding_steps: int = 256,
+    cuda_graphs: bool = False,
 ) -> LiberoPolicy | LiberoFASTPolicy:
     """`num_steps` (Euler steps) applies to PI0 / PI0.5, `temperature` and `max_decoding_steps` to PI0-FAST
-    (openpi: greedy, 256)."""
+    (openpi: greedy, 256); `cuda_graphs` replays sampling as CUDA graphs on a GPU."""
     path = Path(path)
     model = load_pretrained(path, dtype=dtype, device=device)
     tok_file = Path(tokenizer) if tokenizer else find_tokenizer_file(path)
@@ -58,5 +59,15 @@ def load_policy(
             temperature=temperature,
             max_decoding_steps=max_decoding_steps,
             device=device,
+            cuda_graphs=cuda_graphs,
         )
-    return LiberoPolicy.build(model, norm_stats, tok_file, delta_actions, norm_mode, num_steps=num_steps, device=device)
+    return LiberoPolicy.build(
+        model,
+        norm_stats,
+        tok_file,
+        delta_actions,
+        norm_mode,
+        num_steps=num_steps,
+        device=device,
+        cuda_graphs=cuda_graphs,
+    )

@@ -83,10 +83,10 @@ def test_fast_decode_cpu_smoke(one_thread, tmp_path, capsys):
     from pi0_lightning.benchmarks.fast_decode import main as fast_main
 
     out = tmp_path / "fast.json"
-    argv = ["--device", "cpu", "--variant", "pi0_fast_micro", "--batches", "1", "--tokens", "4"]
+    argv = ["--device", "cpu", "--variant", "pi0_fast_micro", "--batches", "1", "--tokens", "4", "--modes", "eager"]
     results = fast_main([*argv, "--train-batches", "2", "--train-tokens", "3", "--repeats", "1", "--out", str(out)])
     text = capsys.readouterr().out
-    assert "| batch | tokens decoded | ms / chunk | ms / token |" in text and "LOOP step ms" in text
+    assert "| mode | batch | tokens decoded | ms / chunk | ms / token |" in text and "LOOP step ms" in text
     (row,) = results["decode"]
     assert row["tokens"] == 4 and row["ms"] > 0 and results["loop_step"][0]["ms"] > 0
     assert json.loads(out.read_text())["variant"] == "pi0_fast_micro"

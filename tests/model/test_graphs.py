@@ -36,3 +36,60 @@ def test_graph_replay_matches_eager_for_new_inputs(guidance):
         eager = model.sample_actions(obs, noise=noise, num_steps=4, guidance=guidance)
         torch.testing.assert_close(sampler(obs, noise, 4, guidance), eager, atol=1e-4, rtol=1e-4)
     assert len(sampler._graphs) == 1
+
+
+def _fast_case(device: str):
+    from pi0_lightning.model.observation import Observation
+    from pi0_lightning.model.pi0_fast import PI0FAST, PI0FASTConfig
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = PI0FAST(PI0FASTConfig.variant("pi0_fast_micro")).eval()
+    keys = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
+    obs = Observation(
+        {k: torch.rand(2, 3, 112, 112) * 2 - 1 for k in keys},
+        {k: torch.ones(2, dtype=torch.bool) for k in keys},
+        torch.zeros(2, 8),
+        torch.randint(3, 1000, (2, 20)),
+        torch.arange(20)[None].expand(2, -1) < torch.tensor([[12], [20]]),
+        token_ar_mask=torch.zeros(2, 20, dtype=torch.long),
+    ).to(device)
+    return model, obs
+
+
+def test_fast_decoder_off_cuda_runs_the_eager_steps():
+    from pi0_lightning.model.graphs import FASTGraphDecoder
+
+    model, obs = _fast_case("cpu")
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    eager = model.sample_tokens(obs, 8, temperature=1.0, generator=g1, return_logp=True)
+    via = model.sample_tokens(obs, 8, temperature=1.0, generator=g2, return_logp=True, decoder=FASTGraphDecoder(model))
+    assert torch.equal(eager[0], via[0]) and torch.equal(eager[1], via[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fast_graph_decoding_matches_eager_for_new_inputs():
+    from pi0_lightning.model.graphs import FASTGraphDecoder
+
+    model, obs = _fast_case("cuda")
+    decoder = FASTGraphDecoder(model)
+    for seed in range(3):  # capture on the first prompt, replay on new ones
+        obs.tokenized_prompt = torch.randint(3, 1000, (2, 20), generator=torch.Generator().manual_seed(seed)).cuda()
+        tokens, logits = model.sample_tokens(obs, 10, return_logits=True)
+        g_tokens, g_logits = model.sample_tokens(obs, 10, return_logits=True, decoder=decoder)
+        assert torch.equal(tokens, g_tokens)
+        torch.testing.assert_close(torch.stack(g_logits), torch.stack(logits), atol=1e-4, rtol=1e-4)
+    assert len(decoder._states) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_blocks_in_the_graph_match_eager():
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = PI0(PI0Config.variant("pi0_tiny", action_horizon=6)).eval()
+    obs = random_observation(model.config).to("cuda")
+    noise = torch.randn(2, 6, 32, device="cuda")
+    eager = model.sample_actions(obs, noise=noise, num_steps=3)
+    torch.testing.assert_close(CUDAGraphSampler(model, compile=True)(obs, noise, 3), eager, atol=1e-4, rtol=1e-4)

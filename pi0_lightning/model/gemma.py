@@ -103,6 +103,24 @@ class ExpertLayer(nn.Module):
         self.mlp = GeGLU(cfg.width, cfg.mlp_dim)
 
 
+SMALL_ATTENTION = 1 << 22
+"""Inference attention with at most this many scores (batch * heads * queries * keys) runs as two grouped matmuls
+around a float32 softmax instead of SDPA: at batch 1 a fused attention kernel's fixed cost dominates."""
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """Grouped-query attention: q (B, H, T, D), k / v (B, KV, S, D), additive mask (B, 1, T, S) -> (B, H, T, D).
+    Query head i reads key/value head i // (H / KV), as SDPA's `enable_gqa`."""
+    b, h, t, d = q.shape
+    if torch.is_grad_enabled() or b * h * t * k.shape[2] > SMALL_ATTENTION:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), enable_gqa=num_kv_heads != h)
+    g = h // num_kv_heads
+    scores = q.reshape(b, num_kv_heads, g * t, d).float() @ k.float().transpose(-1, -2) * d**-0.5
+    scores = scores.view(b, num_kv_heads, g, t, -1) + mask.float()[:, :, None]
+    probs = scores.softmax(-1).to(v.dtype).view(b, num_kv_heads, g * t, -1)
+    return (probs @ v).view(b, h, t, d)
+
+
 def _residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
     return x + y if gate is None else x + y * gate
 
@@ -147,10 +165,7 @@ class JointLayer(nn.Module):
         if kv_cache is not None:
             k = torch.cat([kv_cache[0], k], dim=2)
             v = torch.cat([kv_cache[1], v], dim=2)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask.to(q.dtype), enable_gqa=self.num_kv_heads != self.num_heads
-        )
-        out = out.transpose(1, 2).flatten(2)
+        out = attention(q, k, v, mask, self.num_kv_heads).transpose(1, 2).flatten(2)
 
         new_hs: list[torch.Tensor | None] = []
         start = 0

@@ -78,7 +78,10 @@ bench-env: $(STAMP)
 # Real PI0 (3.3B, bf16, random weights) on one CUDA GPU: matmul peak, sample_actions latency/throughput and
 # fraction of peak, CFG RL training step time/memory (full vs action expert, checkpointing off/on)
 bench-gpu: $(STAMP)
-	$(PY) -m pi0_lightning.benchmarks.gpu --out runs/bench_gpu.json
+	$(PY) -m pi0_lightning.benchmarks.gpu --infer-modes eager drop-cam graph compile --out runs/bench_gpu.json
+	$(PY) -m pi0_lightning.benchmarks.gpu --skip-infer --batches-train 16 --trainables full --compile-train \
+		--out runs/bench_gpu_compiled_train.json
+	$(PY) -m pi0_lightning.benchmarks.fast_decode --out runs/bench_fast.json
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info .pytest_cache .ruff_cache

@@ -82,6 +82,9 @@ def convert_openpi(args: argparse.Namespace) -> Path:
         config = openpi.infer_fast_config(params, **overrides)
     else:
         config = openpi.infer_config(params, **overrides)
+    fast_dir = _fast_tokenizer(args.fast_tokenizer)
+    if fast_dir is not None and openpi.detect_kind(params) != "pi0_fast":
+        raise ConversionError("--fast-tokenizer is for PI0-FAST checkpoints; this one is PI0 / PI0.5")
     model = _load_model(config, openpi.openpi_to_state_dict(params, config))
     return save_pretrained(
         model,
@@ -90,7 +93,21 @@ def convert_openpi(args: argparse.Namespace) -> Path:
         tokenizer_path=_tokenizer(root, args.tokenizer),
         metadata={"source": str(src.resolve()), "source_format": "openpi"},
         overwrite=args.overwrite,
+        asset_dirs={"fast_tokenizer": fast_dir} if fast_dir is not None else None,
     )
+
+
+def _fast_tokenizer(path: str | None) -> Path | None:
+    """A local copy of the FAST processor, checked by loading it (it is bundled as `fast_tokenizer/`)."""
+    if path is None:
+        return None
+    from pi0_lightning.policy.fast import FASTActionTokenizer
+
+    try:
+        FASTActionTokenizer.from_pretrained(path)
+    except (FileNotFoundError, ImportError, ValueError, OSError) as e:
+        raise ConversionError(f"--fast-tokenizer: {e}") from None
+    return Path(path)
 
 
 def convert_lerobot(args: argparse.Namespace) -> Path:
@@ -156,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("openpi", help="openpi orbax checkpoint -> ours")
     common(p)
+    p.add_argument(
+        "--fast-tokenizer",
+        help="PI0-FAST: directory with the FAST processor (processor_config.json + tokenizer.json) to bundle",
+    )
     p.set_defaults(fn=convert_openpi)
     p = sub.add_parser("lerobot", help="openpi-PyTorch / LeRobot safetensors -> ours")
     common(p)

@@ -8,7 +8,7 @@ prompt whose first 60 tokens are valid (a typical `Task: ..., State: ...;\\n` pr
    chunks take about 30-60), at batch 1 and 8, eager and with each step replayed as a CUDA graph
    (`FASTGraphDecoder`): median ms per call and per token, after warm-up, with CUDA events;
 2. LOOP training: one AdamW step of `PI0FAST.action_logp` + `rl.loop.loop_loss` on 40-token chunks at batch 8 and
-   16, full fine-tuning: median step time and peak memory.
+   16, full fine-tuning, without and with activation checkpointing: median step time and peak memory.
 
     python -m pi0_lightning.benchmarks.fast_decode [--variant pi0_fast] [--repeats 10] [--out fast.json]
 """
@@ -84,9 +84,10 @@ def _loop_step(model, opt, obs, ids, logp_old, adv, mask, valid) -> None:
     opt.step()
 
 
-def bench_loop_step(model: PI0FAST, device, batches, tokens, repeats) -> list[dict[str, Any]]:
+def bench_loop_step(model: PI0FAST, device, batches, tokens, repeats, checkpointing) -> list[dict[str, Any]]:
     rows = []
     model.train()
+    model.llm.gradient_checkpointing = checkpointing
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")
     for b in batches:
         obs = fast_observation(model.config, b, device)
@@ -103,9 +104,9 @@ def bench_loop_step(model: PI0FAST, device, batches, tokens, repeats) -> list[di
                 torch.cuda.reset_peak_memory_stats(device)
             ms = time_ms(step, device, warmup(device, 2), max(repeats // 2, 3))
             mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-            rows.append({"batch": b, "tokens": tokens, "ms": ms, "peak_gib": mem})
+            rows.append({"batch": b, "tokens": tokens, "ckpt": checkpointing, "ms": ms, "peak_gib": mem})
         except torch.OutOfMemoryError:
-            rows.append({"batch": b, "tokens": tokens, "ms": OOM, "peak_gib": OOM})
+            rows.append({"batch": b, "tokens": tokens, "ckpt": checkpointing, "ms": OOM, "peak_gib": OOM})
         free_memory(device)
     return rows
 
@@ -136,8 +137,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ]
     print(markdown(cols + [("ms_per_token", "ms / token", ".2f")], result["decode"]))
     if not args.skip_train:
-        result["loop_step"] = bench_loop_step(model, device, args.train_batches, args.train_tokens, args.repeats)
-        cols = [("batch", "batch", "d"), ("tokens", "tokens", "d"), ("ms", "LOOP step ms", ".0f")]
+        result["loop_step"] = []
+        for ckpt in (False, True):
+            result["loop_step"] += bench_loop_step(
+                model, device, args.train_batches, args.train_tokens, args.repeats, ckpt
+            )
+        cols = [("batch", "batch", "d"), ("tokens", "tokens", "d"), ("ckpt", "act. ckpt", "")]
+        cols += [("ms", "LOOP step ms", ".0f")]
         print("\n" + markdown(cols + [("peak_gib", "peak GiB", ".1f")], result["loop_step"]))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")

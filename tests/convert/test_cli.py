@@ -66,3 +66,20 @@ def test_console_script_exit_code(tmp_path):
     r = subprocess.run([exe, "openpi", str(tmp_path / "nope"), str(tmp_path / "o")], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().startswith("pi0-convert openpi: error:")
+
+
+def test_fast_processor_is_bundled_and_checked(openpi_fixtures, tmp_path, capsys):
+    pytest.importorskip("tensorstore")
+    from pi0_lightning.policy.assets import synthetic_fast_tokenizer
+    from pi0_lightning.policy.fast import FASTActionTokenizer
+
+    processor = synthetic_fast_tokenizer(10, 7).save_pretrained(tmp_path / "processor")
+    src = str(openpi_fixtures / "pi0_fast_tiny")
+    assert main(["openpi", src, str(tmp_path / "fast"), "--fast-tokenizer", str(processor)]) == 0
+    assert FASTActionTokenizer.from_pretrained(tmp_path / "fast" / "fast_tokenizer").vocab_size > 0
+    assert main(["openpi", src, str(tmp_path / "bad"), "--fast-tokenizer", str(tmp_path / "nowhere")]) == 2
+    pi0 = str(openpi_fixtures / "pi0_tiny")
+    assert main(["openpi", pi0, str(tmp_path / "pi0"), "--fast-tokenizer", str(processor)]) == 2
+    err = capsys.readouterr().err
+    assert "not a FAST processor directory" in err and "is for PI0-FAST checkpoints" in err
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "pi0").exists()

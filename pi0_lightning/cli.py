@@ -61,6 +61,9 @@ def check_inputs(cfg) -> None:
 
 
 def main(args: list[str] | None = None) -> int:
+    from pi0_lightning.model.graphs import use_tf32
+
+    use_tf32()
     try:
         PI0LightningCLI(
             PI0RLModule,

@@ -175,11 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from pi0_lightning.checkpoint import CheckpointError, read_config
     from pi0_lightning.envs.pool import EnvPool
+    from pi0_lightning.model.graphs import use_tf32
     from pi0_lightning.model.pi0_fast import PI0FASTConfig
     from pi0_lightning.policy.assets import small_prompt_tokenizer
     from pi0_lightning.policy.loading import load_policy
 
     args = build_parser().parse_args(argv)
+    use_tf32()
     out = Path(args.out)
     try:
         tasks = resolve_tasks(args.suite, args.tasks)

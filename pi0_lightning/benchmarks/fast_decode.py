@@ -125,6 +125,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cuda":  # as the entry points do (`graphs.use_tf32`)
+        torch.set_float32_matmul_precision("high")
     model = build(args.variant, device)
     result: dict[str, Any] = {"device": device_info(device), "variant": args.variant}
     result["decode"] = bench_decode(model, device, args.batches, args.tokens, args.repeats, args.modes)

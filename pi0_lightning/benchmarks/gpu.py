@@ -332,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.batch_single = 16 if 16 in args.batches_train else args.batches_train[0]
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    if cuda:
+    if cuda:  # as the entry points do (`graphs.use_tf32`): float32 islands on TF32, like XLA's default
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)

@@ -59,6 +59,13 @@ class _Captured:
         return self.out.clone()
 
 
+def use_tf32() -> None:
+    """float32 matmuls (openpi's float32 islands, attention scores) on TF32 tensor cores, as XLA does by default on
+    GPUs (so also openpi's JAX models); set by the command-line entry points, not by importing the library."""
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")
+
+
 def compile_blocks(model: torch.nn.Module) -> int:
     """torch.compile every transformer block (Gemma JointLayers, SigLIP blocks) in place, static shapes.
 

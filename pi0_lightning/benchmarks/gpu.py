@@ -215,6 +215,15 @@ def train_step_ms(model: PI0, device: torch.device, batch: int, loss: str, warmu
     return time_ms(step, device, warmup, repeats)
 
 
+def apply_checkpointing(model: PI0, spec: str) -> None:
+    """off; on (every Gemma layer and SigLIP block, as `activation_checkpointing: true`); llmN (SigLIP blocks and
+    the first N Gemma layers)."""
+    if spec not in ("off", "on") and not (spec.startswith("llm") and spec[3:].isdigit()):
+        raise ValueError(f"checkpointing must be off, on or llmN, got {spec!r}")
+    model.vision.gradient_checkpointing = spec != "off"
+    model.llm.gradient_checkpointing = {"off": False, "on": True}[spec] if spec in ("off", "on") else int(spec[3:])
+
+
 def bench_training(
     model: PI0,
     device: torch.device,
@@ -222,18 +231,19 @@ def bench_training(
     batch_single: int,
     repeats: int,
     trainables: Sequence[str] = ("full", "action_expert"),
+    checkpointing: Sequence[str] = ("off", "on"),
 ) -> tuple[list[Row], list[Row]]:
     model.train()
-    configs = [("cfg", mode, ckpt, b) for mode in trainables for ckpt in (False, True) for b in batches]
-    configs += [("single", "full", ckpt, batch_single) for ckpt in (False, True)]
+    configs = [("cfg", mode, ckpt, b) for mode in trainables for ckpt in checkpointing for b in batches]
+    configs += [("single", "full", ckpt, batch_single) for ckpt in ("off", "on")]
     rows = []
     for loss, mode, ckpt, b in configs:
         set_trainable(model, mode)
-        model.llm.gradient_checkpointing = ckpt
+        apply_checkpointing(model, ckpt)
         model.zero_grad(set_to_none=True)
         free_memory(device)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
-        row: Row = {"loss": loss, "mode": mode, "ckpt": "on" if ckpt else "off", "batch": b, "trainable_m": trainable}
+        row: Row = {"loss": loss, "mode": mode, "ckpt": ckpt, "batch": b, "trainable_m": trainable}
         try:
             ms = train_step_ms(model, device, b, loss, warmup(device, 2), max(1, math.ceil(repeats / 4)))
         except torch.cuda.OutOfMemoryError:
@@ -246,7 +256,7 @@ def bench_training(
         free_memory(device)
         print(markdown(TRAIN_COLUMNS, rows[-1:], header=False), flush=True)
     set_trainable(model, "full")
-    model.llm.gradient_checkpointing = False
+    apply_checkpointing(model, "off")
     ratios = []
     for ckpt in ("off", "on"):
         key = ("full", ckpt, batch_single)
@@ -321,6 +331,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--trainables", nargs="+", default=["full", "action_expert"], choices=["full", "action_expert"])
     parser.add_argument(
+        "--checkpointing", nargs="+", default=["off", "on"], help="off, on, or llmN (SigLIP + the first N layers)"
+    )
+    parser.add_argument(
         "--compile-train", action="store_true", help="torch.compile the transformer blocks before the training steps"
     )
     parser.add_argument("--skip-infer", action="store_true")
@@ -361,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if args.compile_train:
             compile_blocks(model)
         rows, ratios = bench_training(
-            model, device, args.batches_train, args.batch_single, args.repeats, args.trainables
+            model, device, args.batches_train, args.batch_single, args.repeats, args.trainables, args.checkpointing
         )
         print("\n### CFG two-branch vs single-branch step (full fine-tuning)\n")
         print(markdown(RATIO_COLUMNS, ratios), flush=True)

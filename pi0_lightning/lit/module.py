@@ -74,6 +74,7 @@ class PI0RLModule(L.LightningModule):
         lora_rank: int = 16,
         lora_alpha: float = 16.0,
         activation_checkpointing: bool = False,
+        checkpoint_layers: int | None = None,
         model_dtype: Literal["float32", "bfloat16"] = "float32",
         rollout_guidance: float = 1.0,
         eval_guidance: list[float] | None = None,
@@ -99,7 +100,11 @@ class PI0RLModule(L.LightningModule):
             trainable: full; action_expert (expert, projections, condition embedding); frozen_vision; lora.
             lora_rank: LoRA rank (trainable=lora).
             lora_alpha: LoRA alpha (trainable=lora).
-            activation_checkpointing: recompute each JointLayer in backward (less memory, ~30% more time).
+            activation_checkpointing: recompute each JointLayer and SigLIP block in backward (less memory, ~30% more
+                time).
+            checkpoint_layers: with activation_checkpointing, recompute only the first N JointLayers (SigLIP blocks
+                always): memory for time, layer by layer (H100, B=16 full fine-tuning: all 541 ms / 25.3 GiB,
+                N=10 490 ms / 33.5 GiB, none 404 ms / 60 GiB).
             model_dtype: weights dtype; bfloat16 keeps openpi's float32 islands (norms, projections, embeddings).
             rollout_guidance: CFG weight w used to collect training rollouts (1 = positive-conditioned policy).
             eval_guidance: CFG weights evaluated in validation; the first is logged as val/success_rate.
@@ -165,7 +170,9 @@ class PI0RLModule(L.LightningModule):
             model.add_cfg_conditions(self.loss_config.num_conditions)
         model.apply_dtype_policy(hp.model_dtype)
         self._set_trainable(model)
-        model.llm.gradient_checkpointing = hp.activation_checkpointing
+        layers = hp.checkpoint_layers if hp.checkpoint_layers is not None else True
+        model.llm.gradient_checkpointing = layers if hp.activation_checkpointing else False
+        model.vision.gradient_checkpointing = hp.activation_checkpointing
         self.model = model
 
     def _set_trainable(self, model: PI0 | PI0FAST) -> None:

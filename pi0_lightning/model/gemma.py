@@ -195,8 +195,13 @@ class JointGemma(nn.Module):
         self.norms = nn.ModuleList(
             RMSNorm(c.width, eps, c.width if a else None) for c, a in zip(configs, adarms, strict=True)
         )
-        # activation checkpointing of each JointLayer during training; set by the trainer, not by the model
-        self.gradient_checkpointing = False
+        # activation checkpointing during training, set by the trainer: True = every JointLayer, an int N = the
+        # first N (trading memory for recompute time layer by layer)
+        self.gradient_checkpointing: bool | int = False
+
+    def _checkpointed(self, layer: int) -> bool:
+        gc = self.gradient_checkpointing
+        return gc is True or (type(gc) is int and layer < gc)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         table = self.embed_tokens.weight
@@ -222,7 +227,7 @@ class JointGemma(nn.Module):
         cache_out: KVCache = []
         for i, layer in enumerate(self.layers):
             cache_i = kv_cache[i] if kv_cache is not None else None
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if self._checkpointed(i) and self.training and torch.is_grad_enabled():
                 hs, kv = torch.utils.checkpoint.checkpoint(layer, hs, rope, amask, conds, cache_i, use_reentrant=False)
             else:
                 hs, kv = layer(hs, rope, amask, conds, cache_i)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from pi0_lightning.model.config import SiglipConfig
@@ -75,6 +76,8 @@ class SiglipVision(nn.Module):
         self.blocks = nn.ModuleList(SiglipBlock(cfg, eps) for _ in range(cfg.depth))
         self.norm = LayerNorm32(cfg.width, eps=eps)
         self.head = nn.Linear(cfg.width, out_dim)
+        # activation checkpointing of each block during training; set by the trainer, not by the model
+        self.gradient_checkpointing = False
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         dtype = self.head.weight.dtype
@@ -84,6 +87,7 @@ class SiglipVision(nn.Module):
         x = F.conv2d(images.float(), w, b, stride=self.cfg.patch_size)
         x = x.flatten(2).transpose(1, 2) + self.pos_embed.float()
         x = x.to(dtype)
+        checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x)
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False) if checkpoint else block(x)
         return self.head(self.norm(x))

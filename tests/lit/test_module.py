@@ -156,3 +156,18 @@ def test_loop_training_step_starts_at_ratio_one_and_moves_toward_positive_tokens
     gain = ((logp - batch["logp_old"]) * batch["token_mask"]).sum(1)
     assert metrics["loss"] < loss.item()  # the step lowered the surrogate
     assert gain[0] > 0 and gain[2] > 0 and gain[1] < gain[0]  # positive-advantage tokens became more likely
+
+
+def test_activation_checkpointing_covers_vision_and_the_chosen_layers():
+    m = PI0RLModule(variant="pi0_tiny", activation_checkpointing=True, checkpoint_layers=1)
+    m.configure_model()
+    assert m.model.vision.gradient_checkpointing and m.model.llm.gradient_checkpointing == 1
+    assert [m.model.llm._checkpointed(i) for i in range(2)] == [True, False]
+    off = PI0RLModule(variant="pi0_tiny", checkpoint_layers=1)
+    off.configure_model()
+    assert not off.model.vision.gradient_checkpointing and off.model.llm.gradient_checkpointing is False
+    obs = random_observation(m.model.config)
+    actions = torch.randn(2, m.model.config.action_horizon, m.model.config.action_dim)
+    m.model.train()
+    m.model(obs, actions).mean().backward()  # checkpointed forward + backward run
+    assert m.model.vision.blocks[0].mlp.fc1.weight.grad is not None

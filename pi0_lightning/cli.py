@@ -40,6 +40,28 @@ class PI0LightningCLI(LightningCLI):
         check_inputs(cfg)
 
 
+def check_checkpoint_assets(model_cfg, config) -> None:
+    """The tokenizer, norm stats and (PI0-FAST) FAST processor a checkpoint needs, bundled or given."""
+    from pathlib import Path
+
+    from pi0_lightning.model.pi0_fast import PI0FASTConfig
+    from pi0_lightning.policy.libero_fast import FAST_TOKENIZER_DIR
+    from pi0_lightning.policy.tokenizer import find_tokenizer_file
+
+    ckpt = Path(model_cfg.checkpoint)
+    tokenizer = model_cfg.tokenizer
+    if tokenizer and not Path(tokenizer).is_file():
+        raise InputError(f"model.tokenizer {tokenizer} does not exist")
+    if not tokenizer and find_tokenizer_file(ckpt) is None:
+        raise InputError(f"{ckpt} bundles no PaliGemma tokenizer; set model.tokenizer")
+    if not (ckpt / "norm_stats.json").is_file():
+        raise InputError(f"{ckpt} has no norm_stats.json (convert the checkpoint with its assets)")
+    if isinstance(config, PI0FASTConfig):
+        fast = model_cfg.fast_tokenizer or ckpt / FAST_TOKENIZER_DIR
+        if not Path(fast).is_dir():
+            raise InputError(f"{ckpt} bundles no FAST processor ({FAST_TOKENIZER_DIR}/); set model.fast_tokenizer")
+
+
 def check_inputs(cfg) -> None:
     """Fail fast, before loggers or env workers exist, so a bad input leaves nothing behind."""
     from pi0_lightning.checkpoint import CheckpointError, read_config
@@ -49,7 +71,7 @@ def check_inputs(cfg) -> None:
     checkpoint = cfg.model.checkpoint
     try:
         if checkpoint:
-            read_config(checkpoint)
+            check_checkpoint_assets(cfg.model, read_config(checkpoint))
         env = cfg.data.env
         env_cfg = EnvConfig(**(vars(env) if hasattr(env, "__dict__") else dict(env or {})))
         spec = build_env_spec(env_cfg)

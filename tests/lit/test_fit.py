@@ -133,3 +133,20 @@ def test_fast_fit_validate_and_export(tmp_path):
     runs = mlflow_runs(tmp_path)
     assert runs["metrics.val/success_rate"].notna().all() and "metrics.train/ratio_mean" in runs.columns
     assert main(["validate", "--config", str(config), "--ckpt_path", str(run / "checkpoints" / "last.ckpt")]) == 0
+
+
+def test_checkpoint_without_its_assets_fails_before_anything_is_written(tmp_path, capsys):
+    from pi0_lightning.model.pi0_fast import PI0FAST, PI0FASTConfig
+    from pi0_lightning.policy.assets import small_prompt_tokenizer
+
+    config = write_config(tmp_path)
+    tok = small_prompt_tokenizer(["reach the red target"], tmp_path / "tok" / "tokenizer.model", 1000, fast=True)
+    stats = {"norm_stats": {k: {"mean": [0.0] * 8, "std": [1.0] * 8} for k in ("state", "actions")}}
+    fast = PI0FAST(PI0FASTConfig.variant("pi0_fast_micro"))
+    fast.save_pretrained(tmp_path / "bare")
+    fast.save_pretrained(tmp_path / "no_fast", norm_stats=stats, tokenizer_path=tok)
+    for ckpt in ("bare", "no_fast"):
+        assert main(["fit", "--config", str(config), "--model.checkpoint", str(tmp_path / ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert "bundles no PaliGemma tokenizer" in err and "bundles no FAST processor" in err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "mlflow.db").exists()

@@ -68,3 +68,29 @@ def test_save_and_load(tokenizer, tmp_path):
     assert (loaded.scale, loaded.min_token) == (tokenizer.scale, tokenizer.min_token)
     with pytest.raises(FileNotFoundError, match="processor_config.json"):
         FASTActionTokenizer.from_pretrained(tmp_path)
+
+
+def test_byte_level_processor_files_round_trip(tmp_path):
+    """A processor directory whose tokenizer.json is a byte-level BPE (characters above 127 become several bytes),
+    with the published processor's config keys: encode/decode go through the tokenizer's own pre-tokenizer and
+    decoder."""
+    import json
+
+    tk = pytest.importorskip("tokenizers")
+    probe = FASTActionTokenizer(None, scale=10, min_token=-354)
+    chunks = smooth_chunks(200, seed=7)
+    bpe = tk.Tokenizer(tk.models.BPE())
+    bpe.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    bpe.decoder = tk.decoders.ByteLevel()
+    trainer = tk.trainers.BpeTrainer(
+        vocab_size=1024, initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    bpe.train_from_iterator((probe._text(c) for c in chunks), trainer=trainer)
+    (tmp_path / "fast").mkdir()
+    bpe.save(str(tmp_path / "fast" / "tokenizer.json"))
+    config = {"scale": 10, "vocab_size": 1024, "min_token": -354, "time_horizon": None, "action_dim": None}
+    (tmp_path / "fast" / "processor_config.json").write_text(json.dumps(config))
+    loaded = FASTActionTokenizer.from_pretrained(tmp_path / "fast")
+    for chunk in smooth_chunks(5, seed=8):
+        decoded = loaded.decode(loaded.encode(chunk), 10, 7)
+        assert np.linalg.norm(decoded - chunk) <= np.sqrt(70) / (2 * 10) + 1e-9

@@ -27,7 +27,7 @@ import torch
 from pi0_lightning.benchmarks.gpu import OOM, device_info, free_memory, markdown, time_ms, warmup
 from pi0_lightning.checkpoint import build_model
 from pi0_lightning.model.config import IMAGE_KEYS
-from pi0_lightning.model.graphs import FASTGraphDecoder
+from pi0_lightning.model.graphs import FASTGraphDecoder, compile_blocks
 from pi0_lightning.model.observation import Observation
 from pi0_lightning.model.pi0_fast import PI0FAST, PI0FASTConfig
 from pi0_lightning.rl.loop import LOOPLossConfig, loop_loss
@@ -56,11 +56,14 @@ def build(variant: str, device: torch.device) -> PI0FAST:
 
 
 def bench_decode(model: PI0FAST, device, batches, token_counts, repeats, modes) -> list[dict[str, Any]]:
-    """modes: eager (every step launched from Python), graph (each step replayed as a CUDA graph)."""
+    """modes: eager (every step launched from Python), graph (each step replayed as a CUDA graph), compile (graph,
+    with the transformer blocks torch.compiled first; compiles the model in place, so it runs last)."""
     rows = []
     model.eval()
-    for mode in modes:
-        decoder = FASTGraphDecoder(model) if mode == "graph" else None
+    for mode in sorted(modes, key=lambda m: m == "compile"):
+        if mode == "compile" and device.type == "cuda":
+            compile_blocks(model)
+        decoder = FASTGraphDecoder(model) if mode in ("graph", "compile") else None
         for b in batches:
             obs = fast_observation(model.config, b, device)
             for n in token_counts:
@@ -120,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--train-batches", type=int, nargs="+", default=[8, 16])
     p.add_argument("--train-tokens", type=int, default=40)
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--modes", nargs="+", default=["eager", "graph"], choices=["eager", "graph"])
+    p.add_argument("--modes", nargs="+", default=["eager", "graph", "compile"], choices=["eager", "graph", "compile"])
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)

@@ -69,14 +69,21 @@ def test_fast_decoder_off_cuda_runs_the_eager_steps():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_fast_graph_decoding_matches_eager_for_new_inputs():
-    from pi0_lightning.model.graphs import FASTGraphDecoder
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fast_graph_decoding_matches_eager_for_new_inputs(compiled):
+    from pi0_lightning.model.graphs import FASTGraphDecoder, compile_blocks
 
     model, obs = _fast_case("cuda")
+    prompts = [torch.randint(3, 1000, (2, 20), generator=torch.Generator().manual_seed(s)).cuda() for s in range(3)]
+    references = []
+    for prompt in prompts:  # eager, uncompiled references
+        obs.tokenized_prompt = prompt
+        references.append(model.sample_tokens(obs, 10, return_logits=True))
+    if compiled:
+        compile_blocks(model)
     decoder = FASTGraphDecoder(model)
-    for seed in range(3):  # capture on the first prompt, replay on new ones
-        obs.tokenized_prompt = torch.randint(3, 1000, (2, 20), generator=torch.Generator().manual_seed(seed)).cuda()
-        tokens, logits = model.sample_tokens(obs, 10, return_logits=True)
+    for prompt, (tokens, logits) in zip(prompts, references, strict=True):  # capture on the first, replay on new ones
+        obs.tokenized_prompt = prompt
         g_tokens, g_logits = model.sample_tokens(obs, 10, return_logits=True, decoder=decoder)
         assert torch.equal(tokens, g_tokens)
         torch.testing.assert_close(torch.stack(g_logits), torch.stack(logits), atol=1e-4, rtol=1e-4)

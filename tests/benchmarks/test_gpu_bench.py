@@ -90,3 +90,11 @@ def test_fast_decode_cpu_smoke(one_thread, tmp_path, capsys):
     (row,) = results["decode"]
     assert row["tokens"] == 4 and row["ms"] > 0 and results["loop_step"][0]["ms"] > 0
     assert json.loads(out.read_text())["variant"] == "pi0_fast_micro"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_profile_needs_cuda():
+    from pi0_lightning.benchmarks.profile import main as profile_main
+
+    with pytest.raises(SystemExit, match="needs a CUDA device"):
+        profile_main([])

@@ -142,11 +142,13 @@ class PI0Config:
         return cls(**{**VARIANTS[name](), **overrides})
 
 
-def _tiny_vision() -> SiglipConfig:
-    return SiglipConfig(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=14, image_size=224)
+def tiny_vision(image_size: int = 224) -> SiglipConfig:
+    """The SigLIP of the tiny test / demo variants (PI0 and PI0-FAST)."""
+    return SiglipConfig(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=14, image_size=image_size)
 
 
-def _tiny_gemma() -> GemmaConfig:
+def tiny_gemma() -> GemmaConfig:
+    """The Gemma of the tiny test / demo variants (PI0's PaliGemma expert, PI0-FAST micro)."""
     return GemmaConfig(width=64, depth=2, mlp_dim=128, num_heads=4, num_kv_heads=1, head_dim=16)
 
 
@@ -164,23 +166,23 @@ VARIANTS: dict[str, Any] = {
         "action_expert": dataclasses.replace(GEMMA_VARIANTS["dummy"]),
     },
     "pi0_tiny": lambda: {
-        "vision": _tiny_vision(),
-        "paligemma": _tiny_gemma(),
-        "action_expert": dataclasses.replace(_tiny_gemma(), width=32, mlp_dim=64),
+        "vision": tiny_vision(),
+        "paligemma": tiny_gemma(),
+        "action_expert": dataclasses.replace(tiny_gemma(), width=32, mlp_dim=64),
         "vocab_size": 1024,
     },
     "pi05_tiny": lambda: {
         "pi05": True,
-        "vision": _tiny_vision(),
-        "paligemma": _tiny_gemma(),
-        "action_expert": dataclasses.replace(_tiny_gemma(), width=32, mlp_dim=64),
+        "vision": tiny_vision(),
+        "paligemma": tiny_gemma(),
+        "action_expert": dataclasses.replace(tiny_gemma(), width=32, mlp_dim=64),
         "vocab_size": 1024,
         "max_token_len": 48,
     },
 }
 VARIANTS["pi0_micro"] = lambda: {  # pi0_tiny at 112x112 pixels (64 patches per camera): the CPU learning proof
     **VARIANTS["pi0_tiny"](),
-    "vision": SiglipConfig(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=14, image_size=112),
+    "vision": tiny_vision(112),
     "max_token_len": 16,
 }
 VARIANTS["dummy"] = VARIANTS["pi0_dummy"]

@@ -26,7 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pi0_lightning.model.config import PALIGEMMA_VOCAB_SIZE, GemmaConfig, SiglipConfig, coerce_sub_configs
+from pi0_lightning.model.config import (
+    PALIGEMMA_VOCAB_SIZE,
+    GemmaConfig,
+    SiglipConfig,
+    coerce_sub_configs,
+    tiny_gemma,
+    tiny_vision,
+)
 from pi0_lightning.model.gemma import JointGemma
 from pi0_lightning.model.observation import Observation
 from pi0_lightning.model.pi0 import embed_images, make_attn_mask
@@ -72,20 +79,16 @@ class PI0FASTConfig:
         return cls(**{**FAST_VARIANTS[name](), **overrides})
 
 
-def _tiny_siglip(image_size: int) -> SiglipConfig:
-    return SiglipConfig(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=14, image_size=image_size)
-
-
 FAST_VARIANTS: dict[str, Any] = {
     "pi0_fast": lambda: {},
     "pi0_fast_tiny": lambda: {
-        "vision": _tiny_siglip(224),
+        "vision": tiny_vision(),
         "paligemma": GemmaConfig(width=16, depth=2, mlp_dim=64, num_heads=8, num_kv_heads=1, head_dim=16),
     },
     # 1024 text ids + up to 383 FAST ids (offset 1407) + openpi's 128 skipped ids
     "pi0_fast_micro": lambda: {
-        "vision": _tiny_siglip(112),
-        "paligemma": GemmaConfig(width=64, depth=2, mlp_dim=128, num_heads=4, num_kv_heads=1, head_dim=16),
+        "vision": tiny_vision(112),
+        "paligemma": tiny_gemma(),
         "vocab_size": 1536,
         "max_token_len": 128,
     },

@@ -141,15 +141,8 @@ class FASTGraphDecoder:
             with torch.cuda.graph(graph), torch.no_grad():
                 logits = self.model.decode_step(buf)
             self._states[key] = (buf, graph, logits)
-        buf = self._states[key][0]
-        s = pre["length"]
-        for (k, v), (pk, pv) in zip(buf["cache"], pre["cache"], strict=True):
-            k[:, :, :s].copy_(pk)
-            v[:, :, :s].copy_(pv)
-        buf["prefill_len"].copy_(pre["prefill_len"])
-        buf["prefix_start"].copy_(pre["prefix_start"])
         self._current = self._states[key]
-        return buf
+        return self.model.load_prefix(self._current[0], pre)
 
     def step(self, buf: dict) -> torch.Tensor:
         _, graph, logits = self._current

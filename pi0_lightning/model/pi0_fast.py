@@ -95,6 +95,12 @@ FAST_VARIANTS: dict[str, Any] = {
 }
 
 
+def sampling_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / T) in float32, the distribution tokens are sampled from (T = 1 when greedy). Sampling
+    and `PI0FAST.action_logp` both use it, so the LOOP ratio compares like with like."""
+    return F.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), -1)
+
+
 class PI0FAST(nn.Module):
     def __init__(self, config: PI0FASTConfig):
         super().__init__()
@@ -210,26 +216,36 @@ class PI0FAST(nn.Module):
         return prefix & causal[None]
 
     def decode_buffers(self, pre: dict[str, Any], max_decoding_steps: int) -> dict[str, Any]:
-        """Static decoding state: the prefix cache copied into per-layer K/V buffers with `max_decoding_steps` free
-        slots, the current token and the step counter as device tensors. Every decoding step then has the same
-        shapes (so it can be replayed as a CUDA graph, see `graphs.FASTGraphDecoder`)."""
+        """Static decoding state: per-layer K/V buffers with room for the prefix and `max_decoding_steps` tokens, the
+        current token and the step counter as device tensors, loaded with the prefix (`load_prefix`). Every decoding
+        step then has the same shapes (so it can be replayed as a CUDA graph, see `graphs.FASTGraphDecoder`)."""
         b, s = pre["last"].shape[0], pre["length"]
         cache = []
-        for k, v in pre["cache"]:
+        for k, _ in pre["cache"]:
             big_k = k.new_zeros(b, k.shape[1], s + max_decoding_steps, k.shape[3])
-            big_v = torch.zeros_like(big_k)
-            big_k[:, :, :s], big_v[:, :, :s] = k, v
-            cache.append((big_k, big_v))
+            cache.append((big_k, torch.zeros_like(big_k)))
         device = pre["last"].device
-        return {
+        buf = {
             "cache": cache,
             "token": torch.zeros(b, dtype=torch.long, device=device),
             "step": torch.zeros((), dtype=torch.long, device=device),
-            "prefill_len": pre["prefill_len"].clone(),
-            "prefix_start": pre["prefix_start"].clone(),
+            "prefill_len": torch.zeros_like(pre["prefill_len"]),
+            "prefix_start": torch.zeros_like(pre["prefix_start"]),
             "length": s,
             "dtype": pre["dtype"],
         }
+        return self.load_prefix(buf, pre)
+
+    @staticmethod
+    def load_prefix(buf: dict[str, Any], pre: dict[str, Any]) -> dict[str, Any]:
+        """Copy a prefill's cache and row offsets into decoding buffers of the same shape (in place)."""
+        s = pre["length"]
+        for (k, v), (pk, pv) in zip(buf["cache"], pre["cache"], strict=True):
+            k[:, :, :s].copy_(pk)
+            v[:, :, :s].copy_(pv)
+        buf["prefill_len"].copy_(pre["prefill_len"])
+        buf["prefix_start"].copy_(pre["prefix_start"])
+        return buf
 
     def decode_step(self, buf: dict[str, Any]) -> torch.Tensor:
         """Embed `buf["token"]` as decoded token number `buf["step"]`, write its keys/values into the cache and
@@ -277,11 +293,10 @@ class PI0FAST(nn.Module):
         output = torch.zeros(b, max_decoding_steps, dtype=torch.long, device=device)
         logp = torch.zeros(b, max_decoding_steps, dtype=torch.float32, device=device)
         step_logits = []
-        scale = temperature if temperature > 0 else 1.0
         for step in range(max_decoding_steps):
             if return_logits:
                 step_logits.append(last.clone())
-            logprobs = F.log_softmax(last.float() / scale, -1)
+            logprobs = sampling_logprobs(last, temperature)
             if temperature > 0:
                 token = torch.multinomial(logprobs.exp(), 1, generator=generator)[:, 0]
             else:
@@ -318,5 +333,4 @@ class PI0FAST(nn.Module):
             pos = pre["prefill_len"][:, None] + 1 + torch.arange(n - 1, device=emb.device)[None]
             (out,), _ = self.llm([emb], pos, self._decode_mask(pre, n - 1, 0), kv_cache=pre["cache"])
             logits.append(self.logits(out))
-        logprobs = F.log_softmax(torch.cat(logits, 1) / (temperature if temperature > 0 else 1.0), -1)
-        return logprobs.gather(-1, tokens[..., None].long())[..., 0]
+        return sampling_logprobs(torch.cat(logits, 1), temperature).gather(-1, tokens[..., None].long())[..., 0]

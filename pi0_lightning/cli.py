@@ -42,24 +42,14 @@ class PI0LightningCLI(LightningCLI):
 
 def check_checkpoint_assets(model_cfg, config) -> None:
     """The tokenizer, norm stats and (PI0-FAST) FAST processor a checkpoint needs, bundled or given."""
-    from pathlib import Path
-
     from pi0_lightning.model.pi0_fast import PI0FASTConfig
-    from pi0_lightning.policy.libero_fast import FAST_TOKENIZER_DIR
-    from pi0_lightning.policy.tokenizer import find_tokenizer_file
+    from pi0_lightning.policy.loading import checkpoint_assets
 
-    ckpt = Path(model_cfg.checkpoint)
-    tokenizer = model_cfg.tokenizer
-    if tokenizer and not Path(tokenizer).is_file():
-        raise InputError(f"model.tokenizer {tokenizer} does not exist")
-    if not tokenizer and find_tokenizer_file(ckpt) is None:
-        raise InputError(f"{ckpt} bundles no PaliGemma tokenizer; set model.tokenizer")
-    if not (ckpt / "norm_stats.json").is_file():
-        raise InputError(f"{ckpt} has no norm_stats.json (convert the checkpoint with its assets)")
-    if isinstance(config, PI0FASTConfig):
-        fast = model_cfg.fast_tokenizer or ckpt / FAST_TOKENIZER_DIR
-        if not Path(fast).is_dir():
-            raise InputError(f"{ckpt} bundles no FAST processor ({FAST_TOKENIZER_DIR}/); set model.fast_tokenizer")
+    fast = isinstance(config, PI0FASTConfig)
+    try:
+        checkpoint_assets(model_cfg.checkpoint, fast, model_cfg.tokenizer, model_cfg.fast_tokenizer)
+    except FileNotFoundError as e:
+        raise InputError(str(e)) from None
 
 
 def check_inputs(cfg) -> None:

@@ -39,7 +39,7 @@ from pi0_lightning.policy.assets import small_prompt_tokenizer, synthetic_fast_t
 from pi0_lightning.policy.fast import FASTActionTokenizer
 from pi0_lightning.policy.libero import LiberoPolicy
 from pi0_lightning.policy.libero_fast import FAST_TOKENIZER_DIR, LiberoFASTPolicy
-from pi0_lightning.policy.tokenizer import find_tokenizer_file
+from pi0_lightning.policy.loading import checkpoint_assets
 from pi0_lightning.rl.loop import LOOPLossConfig, loop_loss
 from pi0_lightning.rl.losses import CFGLossConfig, cfg_loss
 from pi0_lightning.rollout.metrics import TaskSuccessRate
@@ -216,41 +216,37 @@ class PI0RLModule(L.LightningModule):
             self.train_success = TaskSuccessRate(n)
 
     def _resolve_policy_assets(self, dm) -> None:
-        """Tokenizer and norm stats: the pi0 checkpoint's, else explicit, else (random models) built for the env.
+        """Tokenizer, norm stats, FAST processor: explicit, else the checkpoint's (`checkpoint_assets`), else (random
+        models) built for the env.
         Resuming from a Lightning checkpoint replaces them with the ones saved in it (`on_load_checkpoint`)."""
+        hp = self.hparams
         ckpt = Path(self.checkpoint) if self.checkpoint else None
-        tok = Path(self.hparams.tokenizer) if self.hparams.tokenizer else (ckpt and find_tokenizer_file(ckpt))
-        instructions = [t.language for t in dm.spec.tasks] if dm is not None and dm.spec else []
+        bundled = None
+        if ckpt is not None:
+            bundled = checkpoint_assets(ckpt, self.fast, hp.tokenizer, hp.fast_tokenizer, require_norm_stats=False)
+        tok = bundled.tokenizer if bundled else hp.tokenizer
         if tok is None:
-            if ckpt is not None:
-                raise FileNotFoundError(f"{ckpt} bundles no PaliGemma tokenizer; set model.tokenizer")
+            instructions = [t.language for t in dm.spec.tasks] if dm is not None and dm.spec else []
             tmp = Path(tempfile.mkdtemp(prefix="pi0_tok_"))
             vocab = min(1000, self.model.config.vocab_size)
             tok = small_prompt_tokenizer(instructions, tmp / "small_tokenizer.model", vocab, fast=self.fast)
-        if self.fast:
-            self.fast_tokenizer = self._resolve_fast_tokenizer(ckpt)
         self.tokenizer_path = Path(tok)
-        if ckpt is not None and (ckpt / "norm_stats.json").is_file():
+        if self.fast:
+            fast_dir = bundled.fast_tokenizer if bundled else hp.fast_tokenizer
+            if fast_dir is not None:
+                self.fast_tokenizer = FASTActionTokenizer.from_pretrained(fast_dir)
+            else:
+                cfg = self.model.config
+                self.fast_tokenizer = synthetic_fast_tokenizer(cfg.action_horizon, cfg.action_dim, seed=hp.seed)
+        if bundled is not None and bundled.norm_stats is not None:
             import json
 
-            self.norm_stats = json.loads((ckpt / "norm_stats.json").read_text())
+            self.norm_stats = json.loads(bundled.norm_stats.read_text())
         elif dm is not None and dm.spec is not None:
             self.norm_stats = dm.spec.default_norm_stats
         else:
             raise FileNotFoundError("no norm stats: the checkpoint has no norm_stats.json and no environment gives any")
         self.delta_actions = self._default_delta_actions(ckpt, dm)
-
-    def _resolve_fast_tokenizer(self, ckpt: Path | None) -> FASTActionTokenizer:
-        if self.hparams.fast_tokenizer:
-            return FASTActionTokenizer.from_pretrained(self.hparams.fast_tokenizer)
-        if ckpt is not None:
-            if not (ckpt / FAST_TOKENIZER_DIR).is_dir():
-                raise FileNotFoundError(
-                    f"{ckpt} bundles no FAST processor ({FAST_TOKENIZER_DIR}/); set model.fast_tokenizer"
-                )
-            return FASTActionTokenizer.from_pretrained(ckpt / FAST_TOKENIZER_DIR)
-        cfg = self.model.config
-        return synthetic_fast_tokenizer(cfg.action_horizon, cfg.action_dim, seed=self.hparams.seed)
 
     def _default_delta_actions(self, ckpt: Path | None, dm) -> bool:
         if self.hparams.delta_actions is not None:
@@ -291,6 +287,8 @@ class PI0RLModule(L.LightningModule):
         the temperature (PI0-FAST); None = the training-rollout one."""
         hp = self.hparams
         if self._policy is None:
+            # gathered FSDP parameters are freed after each rollout: captured graphs would point at freed memory
+            graphs = hp.cuda_graphs and self.device.type == "cuda" and self._fsdp_root() is None
             if self.fast:
                 self._policy = LiberoFASTPolicy.build(
                     self.model,
@@ -300,7 +298,7 @@ class PI0RLModule(L.LightningModule):
                     delta_actions=self.delta_actions,
                     max_decoding_steps=hp.max_decoding_steps,
                     device=self.device,
-                    cuda_graphs=hp.cuda_graphs and self.device.type == "cuda" and self._fsdp_root() is None,
+                    cuda_graphs=graphs,
                 )
             else:
                 self._policy = LiberoPolicy.build(
@@ -311,8 +309,7 @@ class PI0RLModule(L.LightningModule):
                     norm_mode=hp.norm_mode,
                     num_steps=hp.num_denoise_steps,
                     device=self.device,
-                    # gathered FSDP parameters are freed after each rollout: captured graphs would point at freed memory
-                    cuda_graphs=hp.cuda_graphs and self.device.type == "cuda" and self._fsdp_root() is None,
+                    cuda_graphs=graphs,
                 )
         self._policy.device = self.device
         if self.fast:

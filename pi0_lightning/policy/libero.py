@@ -33,6 +33,13 @@ class PolicyInput:
     token_mask: np.ndarray  # (L,) bool
 
 
+def observation_inputs(transforms: LiberoTransforms, obs: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+    """(agentview, wrist, raw state) of one env observation as the policies store them: rotated, resized uint8
+    images and the raw 8-dim state."""
+    agent, wrist = transforms.camera_images(obs["agentview"], obs["wrist"])
+    return agent, wrist, libero_state(obs["eef_pos"], obs["eef_quat"], obs["gripper_qpos"])
+
+
 class LiberoPolicy:
     def __init__(
         self,
@@ -93,8 +100,7 @@ class LiberoPolicy:
     def prepare(self, observations: list[dict[str, np.ndarray]], prompts: list[str]) -> list[PolicyInput]:
         out = []
         for obs, prompt in zip(observations, prompts, strict=True):
-            agent, wrist = self.transforms.camera_images(obs["agentview"], obs["wrist"])
-            state = libero_state(obs["eef_pos"], obs["eef_quat"], obs["gripper_qpos"])
+            agent, wrist, state = observation_inputs(self.transforms, obs)
             tokens, mask = self._tokenize(prompt)
             out.append(PolicyInput(agent, wrist, state, tokens, mask))
         return out

@@ -17,7 +17,7 @@ the tokens RL trains on exactly the ones that were sampled.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +27,9 @@ from pi0_lightning.model.graphs import FASTGraphDecoder
 from pi0_lightning.model.observation import Observation
 from pi0_lightning.model.pi0_fast import EOS_ID, PI0FAST
 from pi0_lightning.policy.fast import FASTActionTokenizer
-from pi0_lightning.policy.libero import PolicyInput
+from pi0_lightning.policy.libero import PolicyInput, observation_inputs
 from pi0_lightning.policy.tokenizer import ACTION_CUE, ACTION_END, FASTPromptTokenizer
-from pi0_lightning.policy.transforms import LiberoTransforms, Normalizer, libero_state
+from pi0_lightning.policy.transforms import LiberoTransforms, Normalizer
 
 FAST_TOKENIZER_DIR = "fast_tokenizer"
 """Where a checkpoint directory keeps its FAST processor (`processor_config.json`, `tokenizer.json`)."""
@@ -106,8 +106,7 @@ class LiberoFASTPolicy:
     def prepare(self, observations: list[dict[str, np.ndarray]], prompts: list[str]) -> list[PolicyInput]:
         out = []
         for obs, prompt in zip(observations, prompts, strict=True):
-            agent, wrist = self.transforms.camera_images(obs["agentview"], obs["wrist"])
-            state = libero_state(obs["eef_pos"], obs["eef_quat"], obs["gripper_qpos"])
+            agent, wrist, state = observation_inputs(self.transforms, obs)
             enc = self.tokenizer.encode_fast(prompt, self.transforms.normalizer.normalize_state(state[None])[0])
             out.append(PolicyInput(agent, wrist, state, enc["tokens"], enc["mask"]))
         return out
@@ -135,14 +134,11 @@ class LiberoFASTPolicy:
         for x, chunk in zip(inputs, chunks, strict=True):
             prefix = x.tokens[: int(x.token_mask.sum())].tolist()
             encoded.append(tok.fast_layout(prefix, self.action_tokenizer.encode(chunk)))
-        obs = self.to_observation(inputs, device="cpu")
         stack = {k: torch.from_numpy(np.stack([e[k] for e in encoded])) for k in encoded[0]}
-        obs = Observation(
-            obs.images,
-            obs.image_masks,
-            obs.state,
-            stack["tokens"].long(),
-            stack["mask"],
+        obs = replace(
+            self.to_observation(inputs, device="cpu"),
+            tokenized_prompt=stack["tokens"].long(),
+            tokenized_prompt_mask=stack["mask"],
             token_ar_mask=stack["ar_mask"].long(),
             token_loss_mask=stack["loss_mask"],
         )

@@ -141,16 +141,17 @@ def bench_inference(
     mode: str = "eager",
 ) -> list[Row]:
     """mode: eager; drop-cam (the always-masked camera left out, as LiberoPolicy does); graph (drop-cam replayed
-    as one CUDA graph; capture time and the max difference to eager are reported); compile (graph, with every
-    transformer block torch.compiled first; capture time includes compilation). `compile` compiles the model's
-    blocks in place, so run it last."""
+    as one CUDA graph, with the action expert's stacked q/k/v and gate/up projections; capture time and the max
+    difference to eager are reported); compile (graph, with every transformer block torch.compiled first; capture
+    time includes compilation); compile-unfused (compile without the stacked projections, for the A/B). The compile
+    modes compile the model's blocks in place, so run them last."""
     cfg = model.config
     model.eval()
     rows = []
     for b in batches:
         obs = observation(cfg, b).to(device)
         cameras = cfg.num_cameras
-        if mode in ("drop-cam", "graph", "compile"):
+        if mode != "eager":
             obs.images.pop("right_wrist_0_rgb")
             obs.image_masks.pop("right_wrist_0_rgb")
             cameras -= 1
@@ -158,13 +159,15 @@ def bench_inference(
         row: Row = {"mode": mode, "batch": b, "tflop_per_call": flops / 1e12}
         noise = torch.randn(b, cfg.action_horizon, cfg.action_dim, device=device)
         sample = partial(model.sample_actions, obs, noise=noise, num_steps=NUM_STEPS)
-        if mode in ("graph", "compile") and device.type == "cuda":
-            graphed = CUDAGraphSampler(model, compile=mode == "compile")
+        if mode != "eager" and mode != "drop-cam" and device.type == "cuda":
+            model.llm.unfuse_projections()
+            reference = sample()  # eager, separate projections
+            graphed = CUDAGraphSampler(model, compile=mode.startswith("compile"), fuse=mode != "compile-unfused")
             start = time.perf_counter()
             out = graphed(obs, noise, NUM_STEPS)
             torch.cuda.synchronize(device)
             row["capture_s"] = time.perf_counter() - start
-            row["max_abs_diff_vs_eager"] = (out - sample()).abs().max().item()
+            row["max_abs_diff_vs_eager"] = (out - reference).abs().max().item()
             sample = partial(graphed, obs, noise, NUM_STEPS)
         try:
             ms = time_ms(sample, device, warmup(device, 3), repeats)
@@ -327,7 +330,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--repeats", type=int, default=20, help="timed inference runs (training steps: n/4)")
     parser.add_argument(
-        "--infer-modes", nargs="+", default=["eager"], choices=["eager", "drop-cam", "graph", "compile"]
+        "--infer-modes",
+        nargs="+",
+        default=["eager"],
+        choices=["eager", "drop-cam", "graph", "compile", "compile-unfused"],
     )
     parser.add_argument("--trainables", nargs="+", default=["full", "action_expert"], choices=["full", "action_expert"])
     parser.add_argument(

@@ -40,6 +40,7 @@ def _copy_into(dst: Observation, src: Observation) -> None:
 
 class _Captured:
     def __init__(self, model: PI0, obs: Observation, noise: torch.Tensor, num_steps: int, guidance: float | None):
+        self.model = model
         self.obs = _static_copy(obs)
         self.noise = noise.clone()
         stream = torch.cuda.Stream()
@@ -54,6 +55,7 @@ class _Captured:
 
     def __call__(self, obs: Observation, noise: torch.Tensor) -> torch.Tensor:
         _copy_into(self.obs, obs)
+        self.model.llm.refresh_fusions()  # the replay reads the stacked weights, not the (maybe updated) parameters
         self.noise.copy_(noise, non_blocking=True)
         self.graph.replay()
         return self.out.clone()
@@ -66,16 +68,28 @@ def use_tf32() -> None:
         torch.set_float32_matmul_precision("high")
 
 
+RECOMPILE_LIMIT = 64
+"""Compiled variants allowed per block class (see `compile_blocks`)."""
+
+
 def compile_blocks(model: torch.nn.Module) -> int:
     """torch.compile every transformer block (Gemma JointLayers, SigLIP blocks) in place, static shapes.
 
     Per block rather than the whole model: all blocks of a tower share one compiled graph per input shape (their
     parameters are graph inputs), so compilation costs one block's worth per shape instead of the unrolled
     18-layer stack; inductor fuses the norms, RoPE, residual gates, GeGLU and dtype casts around the matmuls.
-    Returns the number of blocks compiled (already-compiled ones are skipped)."""
+    Returns the number of blocks compiled (already-compiled ones are skipped).
+
+    All blocks of a class share one code object, and dynamo caps the compiled variants per code object (8 by
+    default): prefix and suffix shapes per batch size, CFG's doubled batch, training versus inference and stacked
+    versus separate projections add up past that, after which blocks silently run eager (measured: batch 1 went from
+    23 to 40 ms). The cap is raised to `RECOMPILE_LIMIT`."""
+    import torch._dynamo.config
+
     from pi0_lightning.model.gemma import JointLayer
     from pi0_lightning.model.siglip import SiglipBlock
 
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     count = 0
     for module in model.modules():
         if isinstance(module, (JointLayer, SiglipBlock)) and getattr(module, "_compiled_call_impl", None) is None:
@@ -87,12 +101,16 @@ def compile_blocks(model: torch.nn.Module) -> int:
 class CUDAGraphSampler:
     """Drop-in for `model.sample_actions(obs, noise, num_steps, guidance)` on CUDA; one graph per signature.
 
-    With `compile`, the transformer blocks are compiled first (`compile_blocks`): fewer, fused kernels inside the
-    captured graph. The first call per signature then includes compilation (tens of seconds)."""
+    With `fuse` (default), the action expert's q/k/v and gate/up projections run as one GEMM each at inference
+    (`JointGemma.fuse_projections`: ~0.3 GB of stacked weights for full-size PI0, kept in step with the parameters
+    before every replay). With `compile`, the transformer blocks are compiled first (`compile_blocks`): fewer, fused
+    kernels inside the captured graph. The first call per signature then includes compilation (tens of seconds)."""
 
-    def __init__(self, model: PI0, compile: bool = False):
+    def __init__(self, model: PI0, compile: bool = False, fuse: bool = True):
         self.model = model
         self._graphs: dict[tuple, _Captured] = {}
+        if fuse:
+            model.llm.fuse_projections(experts=(1,))  # the 10x-repeated suffix; the prefix gained nothing measurable
         if compile:
             compile_blocks(model)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -31,3 +32,79 @@ def test_training_and_large_inputs_use_sdpa(monkeypatch):
         monkeypatch.setattr(gemma, "SMALL_ATTENTION", 10)
         gemma.attention(q, k, k, mask, 1)  # over the size limit: SDPA
     assert len(calls) == 2
+
+
+def _tiny(seed: int = 0):
+    from conftest import random_observation
+
+    from pi0_lightning.model.config import PI0Config
+    from pi0_lightning.model.pi0 import PI0
+
+    torch.manual_seed(seed)
+    model = PI0(PI0Config.variant("pi0_tiny", action_horizon=6)).eval()
+    return model, random_observation(model.config), torch.randn(2, 6, 32)
+
+
+def _sample(model, obs, noise):
+    return model.sample_actions(obs, noise=noise, num_steps=3)
+
+
+def test_fused_projections_equal_separate_ones():
+    model, obs, noise = _tiny()
+    separate = _sample(model, obs, noise)
+    assert model.llm.fuse_projections(experts=(0, 1)) == 2 * len(model.llm.layers)
+    torch.testing.assert_close(_sample(model, obs, noise), separate, atol=1e-6, rtol=1e-6)
+
+
+def test_fused_projections_follow_parameter_updates():
+    model, obs, noise = _tiny()
+    with torch.inference_mode():  # built under inference mode, refreshed in place outside it later
+        model.llm.fuse_projections()
+        before = _sample(model, obs, noise)
+    stacked = model.llm.layers[0].experts[1].fused_qkv.weight
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    model(obs, torch.randn(2, 6, 32)).mean().backward()
+    opt.step()
+    model.eval()
+    after = _sample(model, obs, noise)
+    assert model.llm.layers[0].experts[1].fused_qkv.weight is stacked  # refreshed in place (CUDA graphs keep it)
+    model.llm.load_state_dict({k: v + 0.01 for k, v in model.llm.state_dict().items()})
+    loaded = _sample(model, obs, noise)
+    model.llm.unfuse_projections()
+    torch.testing.assert_close(loaded, _sample(model, obs, noise), atol=1e-6, rtol=1e-6)
+    assert (after - before).abs().max() > 1e-3 and (loaded - after).abs().max() > 1e-3
+
+
+def test_fused_projections_rebuilt_after_a_dtype_change():
+    model, obs, noise = _tiny()
+    model.llm.fuse_projections()
+    _sample(model, obs, noise)
+    model.apply_dtype_policy("bfloat16")  # re-allocates the parameters: the stacks must follow, not go stale
+    out = _sample(model, obs, noise)
+    assert model.llm.layers[0].experts[1].fused_qkv.weight.dtype == torch.bfloat16
+    model.llm.unfuse_projections()
+    torch.testing.assert_close(out, _sample(model, obs, noise))
+
+
+def test_training_uses_the_separate_parameters(monkeypatch):
+    model, obs, _ = _tiny()
+    model.llm.fuse_projections()
+    monkeypatch.setattr(gemma.FusedWeight, "__call__", lambda *a: pytest.fail("fused weights used with grad"))
+    model.train()
+    model(obs, torch.randn(2, 6, 32)).mean().backward()
+    assert model.llm.layers[0].experts[1].q_proj.weight.grad.abs().sum() > 0
+
+
+def test_lora_layers_are_not_fused():
+    from pi0_lightning.model.lora import apply_lora
+
+    model, obs, noise = _tiny()
+    model.llm.fuse_projections()
+    apply_lora(model.llm.layers[0].experts[1], rank=2)  # after fusing: the stale stack must not be used
+    torch.nn.init.normal_(model.llm.layers[0].experts[1].q_proj.lora_b)
+    fused_out = _sample(model, obs, noise)
+    assert model.llm.layers[0].experts[1].fused_qkv is None and model.llm.layers[1].experts[1].fused_qkv is not None
+    model.llm.unfuse_projections()
+    torch.testing.assert_close(fused_out, _sample(model, obs, noise), atol=1e-6, rtol=1e-6)
+    assert not model.llm.layers[0].experts[1].fuse_projections()

@@ -90,13 +90,33 @@ def test_fast_graph_decoding_matches_eager_for_new_inputs(compiled):
     assert len(decoder._states) == 1
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_compiled_blocks_in_the_graph_match_eager():
+def _tiny_cuda_case():
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = PI0(PI0Config.variant("pi0_tiny", action_horizon=6)).eval()
-    obs = random_observation(model.config).to("cuda")
-    noise = torch.randn(2, 6, 32, device="cuda")
+    return model, random_observation(model.config).to("cuda"), torch.randn(2, 6, 32, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_blocks_in_the_graph_match_eager():
+    model, obs, noise = _tiny_cuda_case()
     eager = model.sample_actions(obs, noise=noise, num_steps=3)
     torch.testing.assert_close(CUDAGraphSampler(model, compile=True)(obs, noise, 3), eager, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_replay_with_fused_projections_follows_weight_updates():
+    model, obs, noise = _tiny_cuda_case()
+    sampler = CUDAGraphSampler(model, fuse=True)
+    assert model.llm.layers[0].experts[1].fused_qkv is not None
+    sampler(obs, noise, 3)  # captured
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    model(obs, torch.randn(2, 6, 32, device="cuda")).mean().backward()
+    opt.step()
+    model.eval()
+    replay = sampler(obs, noise, 3)
+    model.llm.unfuse_projections()  # reference: the same updated model without the stacked copies
+    torch.testing.assert_close(replay, model.sample_actions(obs, noise=noise, num_steps=3), atol=1e-4, rtol=1e-4)

@@ -82,6 +82,7 @@ bench-gpu: $(STAMP)
 	$(PY) -m pi0_lightning.benchmarks.gpu --skip-infer --batches-train 16 --trainables full --compile-train \
 		--out runs/bench_gpu_compiled_train.json
 	$(PY) -m pi0_lightning.benchmarks.fast_decode --out runs/bench_fast.json
+	$(PY) -m pi0_lightning.benchmarks.rollout --workers 8 16 --out runs/bench_rollout.json
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info .pytest_cache .ruff_cache

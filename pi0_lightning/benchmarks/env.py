@@ -49,7 +49,7 @@ def bench(suite: str, workers: int, steps: int, replan: int) -> dict:
     blocks = max(1, round(steps / replan))  # per mode
     seconds = dict.fromkeys(MODES, 0.0)
     out = {}
-    with EnvPool(partial(LiberoEnv, LiberoEnvConfig(suite=suite)), workers, env_vars=_gl_vars()) as pool:
+    with EnvPool(partial(LiberoEnv, LiberoEnvConfig(suite=suite)), workers, env_vars=render_env_vars()) as pool:
         t0 = time.perf_counter()
         check(pool.reset(ids, options=options))
         out["build_reset_s"] = time.perf_counter() - t0
@@ -70,8 +70,13 @@ def bench(suite: str, workers: int, steps: int, replan: int) -> dict:
     return out
 
 
-def _gl_vars() -> dict[str, str]:
-    return {k: os.environ[k] for k in ("MUJOCO_GL", "PYOPENGL_PLATFORM") if k in os.environ}
+RENDER_VARS = ("MUJOCO_GL", "PYOPENGL_PLATFORM", "MUJOCO_EGL_DEVICE_ID", "LIBERO_CONFIG_PATH")
+
+
+def render_env_vars() -> dict[str, str]:
+    """The rendering / LIBERO variables of this process, passed to the workers explicitly (a forkserver keeps the
+    environment it started with)."""
+    return {k: os.environ[k] for k in RENDER_VARS if k in os.environ}
 
 
 def machine() -> str:

@@ -16,7 +16,6 @@ prompt whose first 60 tokens are valid (a typical `Task: ..., State: ...;\\n` pr
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 
 import torch
 
+from pi0_lightning.benchmarks import write_json
 from pi0_lightning.benchmarks.gpu import OOM, device_info, free_memory, markdown, time_ms, warmup
 from pi0_lightning.checkpoint import build_model
 from pi0_lightning.model.config import IMAGE_KEYS
@@ -150,8 +150,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         cols = [("batch", "batch", "d"), ("tokens", "tokens", "d"), ("ckpt", "act. ckpt", "")]
         cols += [("ms", "LOOP step ms", ".0f")]
         print("\n" + markdown(cols + [("peak_gib", "peak GiB", ".1f")], result["loop_step"]))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     return result
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import math
 import platform
 import statistics
@@ -40,6 +39,7 @@ from typing import Any
 
 import torch
 
+from pi0_lightning.benchmarks import write_json
 from pi0_lightning.benchmarks.cpu import observation
 from pi0_lightning.checkpoint import build_model
 from pi0_lightning.model.config import GemmaConfig, PI0Config
@@ -385,9 +385,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print("\n### CFG two-branch vs single-branch step (full fine-tuning)\n")
         print(markdown(RATIO_COLUMNS, ratios), flush=True)
         results["training"], results["cfg_single_ratio"] = rows, ratios
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.out, results)
     return results
 
 

@@ -1,6 +1,6 @@
 """End-to-end LIBERO rollout throughput: the real EnvPool and RolloutCollector driven by a PI0 `LiberoPolicy`.
 
-    python -m pi0_lightning.benchmarks.rollout [--workers 8 16] [--phase env|e2e|all] [--max-steps 60]
+    python -m pi0_lightning.benchmarks.rollout [--workers 8 16] [--phase env|e2e|prepare|all] [--max-steps 60]
     python -m pi0_lightning.benchmarks.rollout --variant pi0_tiny --device cpu --workers 2 --max-steps 10  # smoke
 
 env phase: a 1-worker warm-up pool first (robosuite's numba kernels compile on first use, 10-20 s, which would
@@ -14,6 +14,9 @@ W x `--episodes-per-worker` episodes (tasks round-robin over the suite, `--max-s
 `--replan` steps, `sync_horizon` so that the batch stays W and no graph is captured mid-run). Reported: env steps/s
 over the whole collect (LIBERO hard resets with their 10 wait steps included) and without the resets, the policy's
 share of the wall time and its time per call (image transforms and tokenisation included).
+
+prepare phase: the policy's main-process input preparation alone, at batch = each worker count (see
+`prepare_phase`).
 
 Deliberate simplifications: random weights (speed does not depend on them) and identity norm stats, so episodes
 practically never succeed and every one runs the full `--max-steps`: the timing is reproducible, not a success rate.
@@ -169,6 +172,44 @@ def e2e_row(r: dict) -> str:
     )
 
 
+def prepare_phase(args: argparse.Namespace) -> list[dict]:
+    """Main-process input preparation of the policy (rotate + resize of both cameras, state, tokens:
+    `policy.prepare`; float conversion and batching: `policy.to_observation`) on synthetic 256 x 256 renders, median
+    of 20 calls per batch size, no simulator."""
+    policy = build_policy(args, [t.language for t in suite_tasks(args.suite)])
+    rng = np.random.default_rng(0)
+    print("\n| batch | prepare (ms) | to_observation (ms) | per observation (ms) |\n|---|---|---|---|")
+    rows = []
+    for w in args.workers:
+        obs = [
+            {
+                "agentview": rng.integers(0, 256, (256, 256, 3), dtype=np.uint8),
+                "wrist": rng.integers(0, 256, (256, 256, 3), dtype=np.uint8),
+                "eef_pos": np.zeros(3),
+                "eef_quat": np.array([0.0, 0.0, 0.0, 1.0]),
+                "gripper_qpos": np.zeros(2),
+            }
+            for _ in range(w)
+        ]
+        prompts = [suite_tasks(args.suite)[0].language] * w
+        inputs = policy.prepare(obs, prompts)
+        prepare_ms = _median_ms(partial(policy.prepare, obs, prompts))
+        observation_ms = _median_ms(partial(policy.to_observation, inputs))
+        rows.append({"batch": w, "prepare_ms": prepare_ms, "to_observation_ms": observation_ms})
+        print(f"| {w} | {prepare_ms:.1f} | {observation_ms:.1f} | {(prepare_ms + observation_ms) / w:.2f} |")
+    return rows
+
+
+def _median_ms(fn, repeats: int = 20) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1000 * float(np.median(times))
+
+
 def e2e_phase(args: argparse.Namespace) -> list[dict]:
     policy = build_policy(args, [t.language for t in suite_tasks(args.suite)])
     print(
@@ -185,7 +226,7 @@ def e2e_phase(args: argparse.Namespace) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--phase", choices=["env", "e2e", "all"], default="all")
+    p.add_argument("--phase", choices=["env", "e2e", "prepare", "all"], default="all")
     p.add_argument("--workers", type=int, nargs="+", default=[8, 16])
     p.add_argument("--suite", default="libero_spatial")
     p.add_argument("--variant", default="pi0", help="PI0 variant (pi0: full size; pi0_tiny for a CPU smoke run)")
@@ -208,6 +249,8 @@ def main(argv: list[str] | None = None) -> dict:
         out["env"] = env_phase(args)
     if args.phase in ("e2e", "all"):
         out["e2e"] = e2e_phase(args)
+    if args.phase in ("prepare", "all"):
+        out["prepare"] = prepare_phase(args)
     write_json(args.out, out)
     return out
 

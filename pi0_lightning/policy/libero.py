@@ -10,6 +10,7 @@ both the normalised model-space actions (the RL targets) and the env actions (un
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from pi0_lightning.model.graphs import CUDAGraphSampler
 from pi0_lightning.model.observation import Observation
 from pi0_lightning.model.pi0 import PI0
 from pi0_lightning.policy.tokenizer import PromptTokenizer
-from pi0_lightning.policy.transforms import LiberoTransforms, Normalizer, libero_state
+from pi0_lightning.policy.transforms import LiberoTransforms, Normalizer, libero_state, thread_map
 
 
 @dataclass
@@ -38,6 +39,13 @@ def observation_inputs(transforms: LiberoTransforms, obs: dict[str, np.ndarray])
     images and the raw 8-dim state."""
     agent, wrist = transforms.camera_images(obs["agentview"], obs["wrist"])
     return agent, wrist, libero_state(obs["eef_pos"], obs["eef_quat"], obs["gripper_qpos"])
+
+
+def batch_observation_inputs(
+    transforms: LiberoTransforms, observations: list[dict[str, np.ndarray]]
+) -> list[tuple[np.ndarray, ...]]:
+    """`observation_inputs` of a whole batch, on threads (see `transforms.thread_map`)."""
+    return thread_map(partial(observation_inputs, transforms), observations)
 
 
 class LiberoPolicy:
@@ -99,8 +107,9 @@ class LiberoPolicy:
 
     def prepare(self, observations: list[dict[str, np.ndarray]], prompts: list[str]) -> list[PolicyInput]:
         out = []
-        for obs, prompt in zip(observations, prompts, strict=True):
-            agent, wrist, state = observation_inputs(self.transforms, obs)
+        for (agent, wrist, state), prompt in zip(
+            batch_observation_inputs(self.transforms, observations), prompts, strict=True
+        ):
             tokens, mask = self._tokenize(prompt)
             out.append(PolicyInput(agent, wrist, state, tokens, mask))
         return out

@@ -27,7 +27,7 @@ from pi0_lightning.model.graphs import FASTGraphDecoder
 from pi0_lightning.model.observation import Observation
 from pi0_lightning.model.pi0_fast import EOS_ID, PI0FAST
 from pi0_lightning.policy.fast import FASTActionTokenizer
-from pi0_lightning.policy.libero import PolicyInput, observation_inputs
+from pi0_lightning.policy.libero import PolicyInput, batch_observation_inputs
 from pi0_lightning.policy.tokenizer import ACTION_CUE, ACTION_END, FASTPromptTokenizer
 from pi0_lightning.policy.transforms import LiberoTransforms, Normalizer
 
@@ -105,8 +105,9 @@ class LiberoFASTPolicy:
 
     def prepare(self, observations: list[dict[str, np.ndarray]], prompts: list[str]) -> list[PolicyInput]:
         out = []
-        for obs, prompt in zip(observations, prompts, strict=True):
-            agent, wrist, state = observation_inputs(self.transforms, obs)
+        for (agent, wrist, state), prompt in zip(
+            batch_observation_inputs(self.transforms, observations), prompts, strict=True
+        ):
             enc = self.tokenizer.encode_fast(prompt, self.transforms.normalizer.normalize_state(state[None])[0])
             out.append(PolicyInput(agent, wrist, state, enc["tokens"], enc["mask"]))
         return out

@@ -54,7 +54,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -286,6 +288,22 @@ def resize_with_pad(img: np.ndarray, height: int, width: int, method: int = Imag
     else:
         out = np.stack([_resize_with_pad_one(im, height, width, method) for im in flat])
     return out.reshape(*img.shape[:-3], *out.shape[-3:])
+
+
+_THREADS: ThreadPoolExecutor | None = None
+
+
+def thread_map(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+    """`[fn(x) for x in items]` on up to 8 threads for batches of 4 or more: for per-observation image work whose
+    PIL resizes release the GIL (in a lockstep rollout the env workers wait for the policy meanwhile, so their cores
+    are free); results and their order are those of the plain loop. Measured on 2 cores, LIBERO's rotate + resize
+    of 16 observations: 23.7 -> 13.9 ms. (The uint8 -> float conversion gained nothing from threads.)"""
+    global _THREADS
+    if len(items) < 4:
+        return [fn(x) for x in items]
+    if _THREADS is None:
+        _THREADS = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="policy-inputs")
+    return list(_THREADS.map(fn, items))
 
 
 def image_to_model(img: np.ndarray) -> np.ndarray:

@@ -28,3 +28,11 @@ def test_cpu_smoke_on_real_libero(tmp_path, capsys):
 def test_cuda_requested_without_a_gpu_is_a_clear_error():
     with pytest.raises(SystemExit, match="no CUDA device"):
         main(["--device", "cuda"])
+
+
+def test_prepare_phase_times_the_policy_inputs(capsys):
+    results = main(["--phase", "prepare", "--variant", "pi0_tiny", "--device", "cpu", "--workers", "1", "4"])
+    rows = results["prepare"]
+    assert [r["batch"] for r in rows] == [1, 4]
+    assert all(r["prepare_ms"] > 0 and r["to_observation_ms"] > 0 for r in rows)
+    assert "| batch | prepare (ms) | to_observation (ms) |" in capsys.readouterr().out

@@ -49,6 +49,16 @@ def test_prepare_applies_openpi_preprocessing(policy):
     assert x.tokens.shape == (48,) and x.token_mask[0] and x.tokens[0] == 2  # BOS first
 
 
+def test_batched_prepare_on_threads_equals_one_by_one(policy):
+    observations = [raw_obs(seed) for seed in range(9)]  # a batch large enough for the thread pool
+    prompts = [PROMPTS[i % 2] for i in range(9)]
+    batched = policy.prepare(observations, prompts)
+    for x, obs, prompt in zip(batched, observations, prompts, strict=True):
+        (one,) = policy.prepare([obs], [prompt])
+        for field in ("agentview", "wrist", "raw_state", "tokens", "token_mask"):
+            assert np.array_equal(getattr(x, field), getattr(one, field))
+
+
 def test_act_returns_model_and_env_actions(policy):
     inputs = policy.prepare([raw_obs(0), raw_obs(1)], PROMPTS)
     model_actions, env_actions = policy.act(inputs, seed=3)

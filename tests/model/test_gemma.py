@@ -34,14 +34,14 @@ def test_training_and_large_inputs_use_sdpa(monkeypatch):
     assert len(calls) == 2
 
 
-def _tiny(seed: int = 0):
+def _tiny(seed: int = 0, variant: str = "pi0_tiny"):
     from conftest import random_observation
 
     from pi0_lightning.model.config import PI0Config
     from pi0_lightning.model.pi0 import PI0
 
     torch.manual_seed(seed)
-    model = PI0(PI0Config.variant("pi0_tiny", action_horizon=6)).eval()
+    model = PI0(PI0Config.variant(variant, action_horizon=6)).eval()
     return model, random_observation(model.config), torch.randn(2, 6, 32)
 
 
@@ -49,8 +49,9 @@ def _sample(model, obs, noise):
     return model.sample_actions(obs, noise=noise, num_steps=3)
 
 
-def test_fused_projections_equal_separate_ones():
-    model, obs, noise = _tiny()
+@pytest.mark.parametrize("variant", ["pi0_tiny", "pi05_tiny"])
+def test_fused_projections_equal_separate_ones(variant):
+    model, obs, noise = _tiny(variant=variant)
     separate = _sample(model, obs, noise)
     assert model.llm.fuse_projections(experts=(0, 1)) == 2 * len(model.llm.layers)
     torch.testing.assert_close(_sample(model, obs, noise), separate, atol=1e-6, rtol=1e-6)

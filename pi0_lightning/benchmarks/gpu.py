@@ -159,7 +159,7 @@ def bench_inference(
         row: Row = {"mode": mode, "batch": b, "tflop_per_call": flops / 1e12}
         noise = torch.randn(b, cfg.action_horizon, cfg.action_dim, device=device)
         sample = partial(model.sample_actions, obs, noise=noise, num_steps=NUM_STEPS)
-        if mode != "eager" and mode != "drop-cam" and device.type == "cuda":
+        if mode not in ("eager", "drop-cam") and device.type == "cuda":
             model.llm.unfuse_projections()
             reference = sample()  # eager, separate projections
             graphed = CUDAGraphSampler(model, compile=mode.startswith("compile"), fuse=mode != "compile-unfused")

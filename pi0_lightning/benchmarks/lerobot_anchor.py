@@ -143,6 +143,12 @@ def summarize(gpu_ms, wall_ms):
     }
 
 
+def timing_line(r: dict) -> str:
+    """The progress line of one summarised measurement (median, min, wall median, peak memory when known)."""
+    peak = f", peak {r['peak_alloc_gib']:.2f} GiB" if "peak_alloc_gib" in r else ""
+    return f"   median {r['median_ms']:.1f} ms (min {r['min_ms']:.1f}, wall {r['median_wall_ms']:.1f}){peak}"
+
+
 # ------------------------------------------------------------------------------------------ model
 CAM_KEYS = ("observation.images.base_0_rgb", "observation.images.left_wrist_0_rgb")
 
@@ -285,11 +291,7 @@ def bench_inference(args, policy, cfg, device, timer: Timer):
                 r["out_finite"] = bool(torch.isfinite(out.float()).all().item())
                 r["inputs"] = shapes
                 inf[key] = r
-                log(
-                    f"   median {r['median_ms']:.1f} ms (min {r['min_ms']:.1f}, wall {r['median_wall_ms']:.1f})"
-                    + (f", peak {r['peak_alloc_gib']:.2f} GiB" if "peak_alloc_gib" in r else "")
-                    + f", out {r['out_shape']}"
-                )
+                log(timing_line(r) + f", out {r['out_shape']}")
                 del out, fn, batch
             except Exception as e:  # noqa: BLE001
                 inf[key] = {"error": ("OOM: " if is_oom(e) else "") + record_error(f"inference {key}", e)}
@@ -353,11 +355,7 @@ def bench_train(args, policy, cfg, device, timer: Timer):
             }
             r["gradient_checkpointing"] = ckpt
             tr[key] = r
-            log(
-                f"   median {r['median_ms']:.1f} ms (min {r['min_ms']:.1f}, wall {r['median_wall_ms']:.1f})"
-                + (f", peak {r['peak_alloc_gib']:.2f} GiB" if "peak_alloc_gib" in r else "")
-                + f", losses {[round(x, 3) for x in losses]}"
-            )
+            log(timing_line(r) + f", losses {[round(x, 3) for x in losses]}")
         except Exception as e:  # noqa: BLE001
             oom = is_oom(e)
             msg = record_error(f"train {key}", e)

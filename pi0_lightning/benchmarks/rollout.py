@@ -36,6 +36,7 @@ import torch
 
 from pi0_lightning.benchmarks import write_json
 from pi0_lightning.benchmarks.env import bench, check, machine, render_env_vars
+from pi0_lightning.benchmarks.gpu import time_ms
 from pi0_lightning.envs.libero import LiberoEnv, LiberoEnvConfig, setup_rendering, suite_tasks
 from pi0_lightning.envs.pool import EnvPool
 from pi0_lightning.rollout.collector import CollectorConfig, RolloutCollector
@@ -119,8 +120,9 @@ def e2e_workers(args: argparse.Namespace, policy, w: int) -> dict:
     cuda = args.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     tasks = suite_tasks(args.suite)
+    n = len(tasks)
     requests = [
-        EpisodeRequest(tasks[k % len(tasks)].task_id, k // len(tasks), tasks[k % len(tasks)].language, seed=k)
+        EpisodeRequest(tasks[k % n].task_id, k // n, tasks[k % n].language, seed=k)
         for k in range(w * args.episodes_per_worker)
     ]
     env_cfg = LiberoEnvConfig(suite=args.suite, max_steps=args.max_steps)
@@ -176,7 +178,9 @@ def prepare_phase(args: argparse.Namespace) -> list[dict]:
     """Main-process input preparation of the policy (rotate + resize of both cameras, state, tokens:
     `policy.prepare`; float conversion and batching: `policy.to_observation`) on synthetic 256 x 256 renders, median
     of 20 calls per batch size, no simulator."""
-    policy = build_policy(args, [t.language for t in suite_tasks(args.suite)])
+    instructions = [t.language for t in suite_tasks(args.suite)]
+    policy = build_policy(args, instructions)
+    cpu = torch.device("cpu")  # the timed work is host-side: wall-clock medians
     rng = np.random.default_rng(0)
     print("\n| batch | prepare (ms) | to_observation (ms) | per observation (ms) |\n|---|---|---|---|")
     rows = []
@@ -191,23 +195,13 @@ def prepare_phase(args: argparse.Namespace) -> list[dict]:
             }
             for _ in range(w)
         ]
-        prompts = [suite_tasks(args.suite)[0].language] * w
+        prompts = [instructions[0]] * w
         inputs = policy.prepare(obs, prompts)
-        prepare_ms = _median_ms(partial(policy.prepare, obs, prompts))
-        observation_ms = _median_ms(partial(policy.to_observation, inputs))
+        prepare_ms = time_ms(partial(policy.prepare, obs, prompts), cpu, warmup=1, repeats=20)
+        observation_ms = time_ms(partial(policy.to_observation, inputs), cpu, warmup=1, repeats=20)
         rows.append({"batch": w, "prepare_ms": prepare_ms, "to_observation_ms": observation_ms})
         print(f"| {w} | {prepare_ms:.1f} | {observation_ms:.1f} | {(prepare_ms + observation_ms) / w:.2f} |")
     return rows
-
-
-def _median_ms(fn, repeats: int = 20) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * float(np.median(times))
 
 
 def e2e_phase(args: argparse.Namespace) -> list[dict]:

@@ -107,7 +107,7 @@ class FusedWeight:
             self._stack(out=self.weight)
         else:
             self.weight = self._stack()
-        self.stamp = self._stamp()
+        self.stamp = stamp  # stacking reads the sources without changing them
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return F.linear(x, self.weight).split(self.sizes, dim=-1)

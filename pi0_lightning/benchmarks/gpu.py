@@ -42,6 +42,7 @@ import torch
 from pi0_lightning.benchmarks import write_json
 from pi0_lightning.benchmarks.cpu import observation
 from pi0_lightning.checkpoint import build_model
+from pi0_lightning.model import kernels
 from pi0_lightning.model.config import GemmaConfig, PI0Config
 from pi0_lightning.model.graphs import CUDAGraphSampler, compile_blocks
 from pi0_lightning.model.pi0 import PI0
@@ -142,11 +143,13 @@ def bench_inference(
 ) -> list[Row]:
     """mode: eager; drop-cam (the always-masked camera left out, as LiberoPolicy does); graph (drop-cam replayed
     as one CUDA graph, with the action expert's stacked q/k/v and gate/up projections; capture time and the max
-    difference to eager are reported); compile (graph, with every transformer block torch.compiled first; capture
-    time includes compilation); compile-unfused (compile without the stacked projections, for the A/B). The compile
-    modes compile the model's blocks in place, so run them last."""
+    difference to plain eager sampling are reported); compile (graph, with every transformer block torch.compiled
+    first; capture time includes compilation). For A/B runs: compile-unfused (neither stacked projections nor the
+    Triton suffix attention, session 2's state) and compile-matmul-attn (stacked projections, matmul attention).
+    The compile modes compile the model's blocks in place, so run them last."""
     cfg = model.config
     model.eval()
+    kernels.ENABLED = mode not in ("compile-unfused", "compile-matmul-attn")
     rows = []
     for b in batches:
         obs = observation(cfg, b).to(device)
@@ -161,7 +164,9 @@ def bench_inference(
         sample = partial(model.sample_actions, obs, noise=noise, num_steps=NUM_STEPS)
         if mode not in ("eager", "drop-cam") and device.type == "cuda":
             model.llm.unfuse_projections()
-            reference = sample()  # eager, separate projections
+            kernels.ENABLED, enabled = False, kernels.ENABLED
+            reference = sample()  # plain eager: separate projections, matmul attention
+            kernels.ENABLED = enabled
             graphed = CUDAGraphSampler(model, compile=mode.startswith("compile"), fuse=mode != "compile-unfused")
             start = time.perf_counter()
             out = graphed(obs, noise, NUM_STEPS)
@@ -333,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "--infer-modes",
         nargs="+",
         default=["eager"],
-        choices=["eager", "drop-cam", "graph", "compile", "compile-unfused"],
+        choices=["eager", "drop-cam", "graph", "compile", "compile-unfused", "compile-matmul-attn"],
     )
     parser.add_argument("--trainables", nargs="+", default=["full", "action_expert"], choices=["full", "action_expert"])
     parser.add_argument(

@@ -3,8 +3,9 @@
     python -m pi0_lightning.benchmarks.profile [--batch 1] [--compile] [--tf32] [--rows 25]
 
 Full-size `pi0` in bf16 with random weights, the always-masked camera left out (as `LiberoPolicy` does), 10 Euler
-steps; three warm-up calls (compilation included with `--compile`), then one profiled call. Prints torch.profiler's
-table sorted by kernel time, and the number of kernels and their total time.
+steps; three warm-up calls (with `--compile`: compilation, and the action expert's stacked projections as in
+`CUDAGraphSampler`), then one profiled call. Prints torch.profiler's table sorted by kernel time, and the number of
+kernels and their total time.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     model = build_model(cfg, device=device).apply_dtype_policy("bfloat16").eval()
     if args.compile:
         compile_blocks(model)
+        model.llm.fuse_projections()  # as CUDAGraphSampler does
     obs = observation(cfg, args.batch).to(device)
     obs.images.pop("right_wrist_0_rgb")
     obs.image_masks.pop("right_wrist_0_rgb")

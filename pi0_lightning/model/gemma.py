@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pi0_lightning.model import kernels
 from pi0_lightning.model.config import GemmaConfig
 
 BIG_NEG = -2.3819763e38
@@ -179,10 +180,27 @@ SMALL_ATTENTION = 1 << 22
 around a float32 softmax instead of SDPA: at batch 1 a fused attention kernel's fixed cost dominates."""
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """Grouped-query attention: q (B, H, T, D), k / v (B, KV, S, D), additive mask (B, 1, T, S) -> (B, H, T, D).
-    Query head i reads key/value head i // (H / KV), as SDPA's `enable_gqa`."""
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    num_kv_heads: int,
+    cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Grouped-query attention: q (B, H, T, D), k / v (B, KV, S, D), additive mask (B, 1, T, S_cache + S) ->
+    (B, H, T, D). Query head i reads key/value head i // (H / KV), as SDPA's `enable_gqa`. `cache`: keys and values
+    (B, KV, S_cache, D) of earlier tokens, which come before k / v.
+
+    Inference in bf16 on CUDA with several queries against a cache (the denoising steps) runs the Triton kernel of
+    `kernels.py`, which reads the cache in place; training uses SDPA (its memory-efficient backward); other small
+    inference shapes run as two grouped matmuls around a float32 softmax."""
     b, h, t, d = q.shape
+    if cache is not None:
+        if t > 1 and not torch.is_grad_enabled() and kernels.available(q, num_kv_heads):
+            return kernels.cached_attention(q, cache[0], cache[1], mask, num_kv_heads, k, v)
+        k = torch.cat([cache[0], k], dim=2)
+        v = torch.cat([cache[1], v], dim=2)
     if torch.is_grad_enabled() or b * h * t * k.shape[2] > SMALL_ATTENTION:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), enable_gqa=num_kv_heads != h)
     g = h // num_kv_heads
@@ -233,11 +251,7 @@ class JointLayer(nn.Module):
         q = apply_rope(torch.cat(qs, 1).transpose(1, 2), cos, sin)
         k = apply_rope(torch.cat(ks, 1).transpose(1, 2), cos, sin)
         v = torch.cat(vs, 1).transpose(1, 2)
-        new_kv = (k, v)
-        if kv_cache is not None:
-            k = torch.cat([kv_cache[0], k], dim=2)
-            v = torch.cat([kv_cache[1], v], dim=2)
-        out = attention(q, k, v, mask, self.num_kv_heads).transpose(1, 2).flatten(2)
+        out = attention(q, k, v, mask, self.num_kv_heads, kv_cache).transpose(1, 2).flatten(2)
 
         new_hs: list[torch.Tensor | None] = []
         start = 0
@@ -250,7 +264,7 @@ class JointLayer(nn.Module):
             start = end
             x, gate2 = expert.ffn_norm(h, cond)
             new_hs.append(_residual(h, expert.mlp(x), gate2))
-        return new_hs, new_kv
+        return new_hs, (k, v)
 
 
 class JointGemma(nn.Module):

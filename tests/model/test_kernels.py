@@ -1,0 +1,134 @@
+"""The Triton suffix-attention kernel equals the matmul attention path (Triton's CPU interpreter, and CUDA)."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from pi0_lightning.model import gemma, kernels
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _case(dtype, device, b=2, h=8, kv=1, t=51, s=300, d=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, t, h, d, generator=g).transpose(1, 2)  # the model's layout: a transposed view
+    k, v = torch.randn(b, kv, s, d, generator=g), torch.randn(b, kv, s, d, generator=g)
+    allowed = torch.rand(b, t, s, generator=g) > 0.3
+    allowed[-1, min(3, t - 1)] = False  # a fully masked row: uniform over all keys, as openpi's finite mask gives
+    allowed[0, :, 130:260] = False  # whole key chunks masked for every row of one element
+    mask = gemma.additive_mask(allowed, dtype)
+    return [x.to(device=device, dtype=dtype) for x in (q, k, v)] + [mask.to(device)]
+
+
+@needs_triton
+def test_kernel_matches_matmul_attention_in_the_interpreter():
+    # Triton's interpreter runs the kernels on the CPU with numpy; it mis-handles bf16 dots, so float32 here
+    script = "import torch\nfrom pi0_lightning.model import gemma, kernels\n" + inspect.getsource(_case)
+    script += textwrap.dedent(
+        """
+        def check(kv, **shape):
+            q, k, v, mask = _case(torch.float32, "cpu", kv=kv, **shape)
+            with torch.no_grad():
+                expected = gemma.attention(q, k, v, mask, kv)
+            close = dict(atol=2e-6, rtol=1e-5)
+            torch.testing.assert_close(kernels.cached_attention(q, k, v, mask, kv), expected, **close)
+            for cut in (1, 129, k.shape[2] - 7):  # cache + new keys read in place, cut anywhere
+                out = kernels.cached_attention(q, k[:, :, :cut], v[:, :, :cut], mask, kv, k[:, :, cut:], v[:, :, cut:])
+                torch.testing.assert_close(out, expected, **close)
+            assert out.transpose(1, 2).is_contiguous()  # (B, T, H, D) underneath: flattening heads is free
+
+        check(1)
+        check(2, b=1, h=4, t=5, s=70, d=16)
+        print("ok")
+        """
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_tiling_by_batch_and_shared_memory(monkeypatch):
+    cpu = torch.device("cpu")  # the interpreter: no shared-memory limit
+    assert kernels.tiling(1, 256, cpu) == kernels.tiling(4, 256, cpu) == kernels.SMALL
+    assert kernels.tiling(16, 256, cpu) == kernels.LARGE
+    cuda = torch.device("cuda", 0)
+    for limit, expected in ((232448, kernels.LARGE), (166912, kernels.SMALL), (65536, None)):  # H100, A100, less
+        props = type("Props", (), {"shared_memory_per_block_optin": limit})()
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, props=props: props)
+        assert kernels.tiling(16, 256, cuda) == expected
+
+
+def test_dispatch_only_for_bf16_cuda_inference_against_a_cache(monkeypatch):
+    calls = []
+    monkeypatch.setattr(kernels, "available", lambda q, kv: True)
+    monkeypatch.setattr(kernels, "cached_attention", lambda *a: calls.append(a[0].shape) or a[0])
+    q, k, v, mask = _case(torch.float32, "cpu", b=1, t=4, s=9, d=16)
+    cache, new = (k[:, :, :5], v[:, :, :5]), (k[:, :, 5:], v[:, :, 5:])
+    with torch.no_grad():
+        gemma.attention(q, *new, mask, 1, cache)  # queries against a cache: the kernel
+        gemma.attention(q[:, :, :1], *new, mask[:, :, :1], 1, cache)  # one query (PI0-FAST decoding): not the kernel
+        gemma.attention(q, k[:, :, :4], v[:, :, :4], mask[..., :4], 1)  # no cache: not the kernel
+    assert calls == [q.shape]
+    expected = gemma.attention(q, k, v, mask, 1)
+    torch.testing.assert_close(gemma.attention(q, *new, mask, 1, cache), expected)  # with gradients: concatenated
+    assert calls == [q.shape]
+    monkeypatch.undo()
+    assert not kernels.available(q, 1)  # float32 / CPU never dispatch to it
+
+
+@pytest.mark.gpu
+@needs_triton
+@needs_cuda
+@pytest.mark.parametrize("shape", [dict(b=2, d=64), dict(b=1, s=611, d=256), dict(b=8, s=611, d=256), dict(b=3, h=4, kv=2, t=17, s=90, d=16)])
+def test_kernel_matches_matmul_attention_on_cuda(shape):
+    q, k, v, mask = _case(torch.bfloat16, "cuda", **shape)
+    kv = shape.get("kv", 1)
+    with torch.no_grad():
+        kernels.ENABLED = False
+        try:
+            expected = gemma.attention(q, k, v, mask, kv).float()
+        finally:
+            kernels.ENABLED = True
+        cut = k.shape[2] - shape.get("t", 51) // 2  # the cache, then this step's keys
+        args = (q, k[:, :, cut:], v[:, :, cut:], mask, kv, (k[:, :, :cut], v[:, :, :cut]))
+        out = gemma.attention(*args)
+        compiled = torch.compile(gemma.attention, dynamic=False)(*args)
+    assert out.dtype == torch.bfloat16
+    # both round probabilities once to bf16 (in different places) and the output to bf16
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(compiled, out, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@needs_triton
+@needs_cuda
+def test_bf16_sampling_with_the_kernel_in_compiled_graphs():
+    from conftest import random_observation
+
+    from pi0_lightning.model.config import PI0Config
+    from pi0_lightning.model.graphs import CUDAGraphSampler
+    from pi0_lightning.model.pi0 import PI0
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = PI0(PI0Config.variant("pi0_tiny", action_horizon=6)).apply_dtype_policy("bfloat16").eval()
+    obs = random_observation(model.config).to("cuda")
+    noise = torch.randn(2, 6, 32, device="cuda")
+    kernels.ENABLED = False
+    try:
+        expected = model.sample_actions(obs, noise=noise, num_steps=3)
+    finally:
+        kernels.ENABLED = True
+    eager = model.sample_actions(obs, noise=noise, num_steps=3)
+    graphed = CUDAGraphSampler(model, compile=True)(obs, noise, 3)
+    torch.testing.assert_close(eager, expected, atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(graphed, eager, atol=5e-2, rtol=5e-2)

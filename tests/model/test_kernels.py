@@ -88,7 +88,9 @@ def test_dispatch_only_for_bf16_cuda_inference_against_a_cache(monkeypatch):
 @pytest.mark.gpu
 @needs_triton
 @needs_cuda
-@pytest.mark.parametrize("shape", [dict(b=2, d=64), dict(b=1, s=611, d=256), dict(b=8, s=611, d=256), dict(b=3, h=4, kv=2, t=17, s=90, d=16)])
+@pytest.mark.parametrize(
+    "shape", [dict(b=2, d=64), dict(b=1, s=611, d=256), dict(b=8, s=611, d=256), dict(b=3, h=4, kv=2, t=17, s=90, d=16)]
+)
 def test_kernel_matches_matmul_attention_on_cuda(shape):
     q, k, v, mask = _case(torch.bfloat16, "cuda", **shape)
     kv = shape.get("kv", 1)

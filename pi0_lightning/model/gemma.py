@@ -248,9 +248,16 @@ class JointLayer(nn.Module):
             ks.append(k.view(b, t, self.num_kv_heads, self.head_dim))
             vs.append(v.view(b, t, self.num_kv_heads, self.head_dim))
         cos, sin = rope
-        q = apply_rope(torch.cat(qs, 1).transpose(1, 2), cos, sin)
-        k = apply_rope(torch.cat(ks, 1).transpose(1, 2), cos, sin)
-        v = torch.cat(vs, 1).transpose(1, 2)
+        if kv_cache is None or len(qs) > 1:  # this call's keys and values become a cache: compact tensors
+            q = apply_rope(torch.cat(qs, 1).transpose(1, 2), cos, sin)
+            k = apply_rope(torch.cat(ks, 1).transpose(1, 2), cos, sin)
+            v = torch.cat(vs, 1).transpose(1, 2)
+        else:
+            # one expert against a cache (the denoising steps, decoding): v stays a view of its projection, and q and
+            # k are rotated in one pass (one fused kernel when compiled, instead of three with v's copy)
+            qk = apply_rope(torch.cat([qs[0], ks[0]], dim=2).transpose(1, 2), cos, sin)
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            v = vs[0].transpose(1, 2)
         out = attention(q, k, v, mask, self.num_kv_heads, kv_cache).transpose(1, 2).flatten(2)
 
         new_hs: list[torch.Tensor | None] = []

@@ -22,6 +22,7 @@ bf16 rounding (tested on CUDA), not bit for bit. Inference only (no backward); C
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -227,21 +228,25 @@ def cached_attention(
     row_sum = torch.empty_like(row_max)
     out = torch.empty(b, t, h, d, device=q.device, dtype=q.dtype).transpose(1, 2)
     mask = mask.expand(b, 1, t, s + s_new)
-    grid = (triton.cdiv(rows, tile.block_m), nsplit, b * num_kv_heads)
-    _partial_attention[grid](
-        q, k, v, k_new, v_new, mask, acc, row_max, row_sum,
-        t, s, s_new, nsplit1, rows, group, num_kv_heads,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), k_new.stride(0), k_new.stride(1), k_new.stride(2),
-        v_new.stride(0), v_new.stride(1), v_new.stride(2), mask.stride(0), mask.stride(2), mask.stride(3),
-        NSPLIT=nsplit, SCALE=d**-0.5, D=d, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, CHUNK=tile.chunk,
-        num_warps=tile.warps, num_stages=tile.stages,
-    )  # fmt: skip
-    combine_m, combine_d = 16, min(64, d)  # the combine's tiling hardly matters (+-0.5 us in the sweep)
-    _combine[(triton.cdiv(rows, combine_m), d // combine_d, b * num_kv_heads)](
-        acc, row_max, row_sum, out,
-        t, rows, group, num_kv_heads,
-        out.stride(0), out.stride(1), out.stride(2),
-        NSPLIT=nsplit, D=d, BLOCK_M=combine_m, BLOCK_D=combine_d,
-    )  # fmt: skip
+    # Triton launches on the current device: switch to q's (a model on another GPU than the current one); compiled
+    # code has inductor's own device guard
+    guard = torch.cuda.device(q.device) if q.is_cuda and not torch.compiler.is_compiling() else nullcontext()
+    with guard:
+        grid = (triton.cdiv(rows, tile.block_m), nsplit, b * num_kv_heads)
+        _partial_attention[grid](
+            q, k, v, k_new, v_new, mask, acc, row_max, row_sum,
+            t, s, s_new, nsplit1, rows, group, num_kv_heads,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), k_new.stride(0), k_new.stride(1), k_new.stride(2),
+            v_new.stride(0), v_new.stride(1), v_new.stride(2), mask.stride(0), mask.stride(2), mask.stride(3),
+            NSPLIT=nsplit, SCALE=d**-0.5, D=d, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, CHUNK=tile.chunk,
+            num_warps=tile.warps, num_stages=tile.stages,
+        )  # fmt: skip
+        combine_m, combine_d = 16, min(64, d)  # the combine's tiling hardly matters (+-0.5 us in the sweep)
+        _combine[(triton.cdiv(rows, combine_m), d // combine_d, b * num_kv_heads)](
+            acc, row_max, row_sum, out,
+            t, rows, group, num_kv_heads,
+            out.stride(0), out.stride(1), out.stride(2),
+            NSPLIT=nsplit, D=d, BLOCK_M=combine_m, BLOCK_D=combine_d,
+        )  # fmt: skip
     return out

@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
+TRITON_VERSION ?= 3.5.0
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
@@ -21,6 +22,10 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==$(TORCH_VERSION)
 	$(PIP) install -q -e '.[test]'
+	@# Triton for its CPU interpreter only (the attention kernel's CPU test), in a folder of its own: CPU torch
+	@# does not come with it, and the main environment stays as users install it
+	$(PY) -c "import triton" 2>/dev/null || $(PIP) install -q --no-deps --upgrade --target $(VENV)/triton-interpreter \
+	  triton==$(TRITON_VERSION) || echo "warning: triton not installed; the kernel's interpreter test will be skipped"
 	@# robosuite warns on every import unless a private macro file exists; its setup script is interactive
 	$(PY) -c "import importlib.util, pathlib; pathlib.Path(importlib.util.find_spec('robosuite').origin).with_name('macros_private.py').touch()"
 	touch $(STAMP)

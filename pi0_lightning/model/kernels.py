@@ -1,22 +1,26 @@
 """A Triton kernel for the denoising steps' attention: the action tokens' queries against the cached prefix.
 
 At batch 1 each of the 180 suffix layer steps of a `sample_actions` call attends 8 query heads x 51 tokens to one
-shared key/value head of ~600 cached + new tokens. As matmuls around a softmax this is ~10 tiny kernels (a float32
-score GEMM, a two-kernel softmax, a split-K value GEMM, casts and transposes), ~28 us of a ~65 us layer step on an
-H100. This is the flash-decoding scheme instead, in two kernels:
+shared key/value head of 560 cached + 51 new tokens. As matmuls around a softmax this is a K/V concatenation and ~10
+tiny kernels (a float32 score GEMM, a two-kernel softmax, a split-K value GEMM, casts and transposes): ~25 us per
+layer step on an H100, against 10.5 us for this kernel (`python -m pi0_lightning.benchmarks.attention`). It is the
+flash-decoding scheme, in two kernels:
 
 1. `_partial_attention`: one program per (block of query rows, chunk of keys, batch x kv head). The query heads
    that share a kv head are packed as rows (row r = head g, token t with r = g * T + t), so every program loads each
-   key/value tile once for all of them. Scores are float32 (bf16 inputs, float32 accumulation, as openpi's
+   key/value tile once for all of them. The keys are two stretches read in place, the cache and the step's new
+   keys, so nothing is concatenated. Scores are float32 (bf16 inputs, float32 accumulation, as openpi's
    `preferred_element_type=float32`), the additive mask is added in float32, and an online softmax keeps the chunk's
    row maximum, exp-sum and unnormalised `exp(s - max) @ V` in float32.
-2. `_combine`: the chunks' partial results are rescaled to the global maximum, summed and normalised.
+2. `_combine`: the chunks' partial results are rescaled to the global maximum, summed, normalised and written
+   heads-last, so that flattening the heads afterwards is free.
 
 Deliberate difference from openpi's numerics: openpi normalises the probabilities and rounds them to bf16 before the
 value einsum; here the unnormalised `exp(s - chunk max)` (in [0, 1]) is rounded to bf16 and the normalisation
 happens in float32 at the end. Both round each probability once to bf16 (relative error 2^-9); outputs agree to
 bf16 rounding (tested on CUDA), not bit for bit. Inference only (no backward); CUDA only; used by
-`gemma.attention` when Triton is importable.
+`gemma.attention` when Triton is importable, up to `MAX_PAIRS`. The tilings were tuned on an H100 only; other GPUs
+get them where their shared memory allows (`tiling`).
 """
 
 from __future__ import annotations
@@ -36,8 +40,8 @@ except ImportError:  # CPU-only installs: the matmul path is used
 MAX_PAIRS = 16
 """The kernel runs for at most this many (batch element x kv head) pairs. Measured on an H100 at PI0's shape (8
 query heads x 51 tokens, 611 keys, head_dim 256; BENCHMARKS.md), kernel vs the compiled matmul path per call: batch
-1 10.5 vs 24.5 us, 8: 38.4 vs 83.8, 16: 76.7 vs 121; at 32 and 64 they are about even (162 vs 170, 310 vs 332) and
-the matmul path's large cuBLAS GEMMs are the safer choice."""
+1 10.5 vs 24.8 us, 8: 39.3 vs 83.5, 16: 77.5 vs 120.6; at 32 and 64 they are within a few per cent (162 vs 173,
+317 vs 323), and the matmul path's large cuBLAS GEMMs are the safer choice there."""
 
 
 @dataclass(frozen=True)

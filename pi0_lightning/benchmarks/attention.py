@@ -59,13 +59,9 @@ def bench(batch: int, sweep: bool, device: torch.device) -> dict[str, Any]:
         return gemma.attention(q, k_new, v_new, mask, KV_HEADS, (k, v))
 
     compiled = torch.compile(matmul_path, dynamic=False)
-    enabled, kernels.ENABLED = kernels.ENABLED, False
-    try:
-        with torch.no_grad():
-            reference = matmul_path(q, *layers[0], mask).float()
-            matmul_us = graph_time_us(lambda i: compiled(q, *layers[i % LAYERS], mask))
-    finally:
-        kernels.ENABLED = enabled
+    with kernels.disabled(), torch.no_grad():
+        reference = matmul_path(q, *layers[0], mask).float()
+        matmul_us = graph_time_us(lambda i: compiled(q, *layers[i % LAYERS], mask))
 
     def kernel_us(tile: kernels.Tiling) -> tuple[float, float]:
         def call(i: int) -> torch.Tensor:

@@ -164,9 +164,8 @@ def bench_inference(
         sample = partial(model.sample_actions, obs, noise=noise, num_steps=NUM_STEPS)
         if mode not in ("eager", "drop-cam") and device.type == "cuda":
             model.llm.unfuse_projections()
-            kernels.ENABLED, enabled = False, kernels.ENABLED
-            reference = sample()  # plain eager: separate projections, matmul attention
-            kernels.ENABLED = enabled
+            with kernels.disabled():
+                reference = sample()  # plain eager: separate projections, matmul attention
             graphed = CUDAGraphSampler(model, compile=mode.startswith("compile"), fuse=mode != "compile-unfused")
             start = time.perf_counter()
             out = graphed(obs, noise, NUM_STEPS)

@@ -197,8 +197,9 @@ def attention(
     inference shapes run as two grouped matmuls around a float32 softmax."""
     b, h, t, d = q.shape
     if cache is not None:
-        if t > 1 and not torch.is_grad_enabled() and kernels.available(q, num_kv_heads):
-            return kernels.cached_attention(q, cache[0], cache[1], mask, num_kv_heads, k, v)
+        tile = kernels.tiling_for(q, num_kv_heads) if t > 1 and not torch.is_grad_enabled() else None
+        if tile is not None:
+            return kernels.cached_attention(q, cache[0], cache[1], mask, num_kv_heads, k, v, tile=tile)
         k = torch.cat([cache[0], k], dim=2)
         v = torch.cat([cache[1], v], dim=2)
     if torch.is_grad_enabled() or b * h * t * k.shape[2] > SMALL_ATTENTION:

@@ -26,7 +26,8 @@ get them where their shared memory allows (`tiling`).
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -179,20 +180,33 @@ ENABLED = os.environ.get("PI0_LIGHTNING_ATTENTION_KERNEL", "1") != "0"
 every call back to the matmul path."""
 
 
-def available(q: torch.Tensor, num_kv_heads: int) -> bool:
-    """Whether `gemma.attention` should use `cached_attention`: Triton present, bf16/fp16 on CUDA (float32 models keep
-    the exact matmul path), a power-of-two head dimension, and at most `MAX_PAIRS` batch x kv-head pairs."""
+def tiling_for(q: torch.Tensor, num_kv_heads: int) -> Tiling | None:
+    """The tiling `gemma.attention` runs `cached_attention` with, or None for the matmul path: Triton present,
+    bf16/fp16 on CUDA (float32 models keep the exact matmul path), a power-of-two head dimension, at most `MAX_PAIRS`
+    batch x kv-head pairs, and a tiling that fits the device."""
     d = q.shape[-1]
-    return (
+    pairs = q.shape[0] * num_kv_heads
+    usable = (
         ENABLED
         and triton is not None
         and q.is_cuda
         and q.dtype in (torch.bfloat16, torch.float16)
         and d >= 16
         and d & (d - 1) == 0
-        and q.shape[0] * num_kv_heads <= MAX_PAIRS
-        and tiling(q.shape[0] * num_kv_heads, d, q.device) is not None
+        and pairs <= MAX_PAIRS
     )
+    return tiling(pairs, d, q.device) if usable else None
+
+
+@contextmanager
+def disabled() -> Iterator[None]:
+    """The matmul path for everything inside (A/B measurements, references in tests); restores the switch after."""
+    global ENABLED
+    enabled, ENABLED = ENABLED, False
+    try:
+        yield
+    finally:
+        ENABLED = enabled
 
 
 def cached_attention(

@@ -79,8 +79,8 @@ def test_tiling_by_batch_and_shared_memory(monkeypatch):
 
 def test_dispatch_only_for_bf16_cuda_inference_against_a_cache(monkeypatch):
     calls = []
-    monkeypatch.setattr(kernels, "available", lambda q, kv: True)
-    monkeypatch.setattr(kernels, "cached_attention", lambda *a: calls.append(a[0].shape) or a[0])
+    monkeypatch.setattr(kernels, "tiling_for", lambda q, kv: kernels.SMALL)
+    monkeypatch.setattr(kernels, "cached_attention", lambda *a, **kw: calls.append(a[0].shape) or a[0])
     q, k, v, mask = _case(torch.float32, "cpu", b=1, t=4, s=9, d=16)
     cache, new = (k[:, :, :5], v[:, :, :5]), (k[:, :, 5:], v[:, :, 5:])
     with torch.no_grad():
@@ -92,7 +92,7 @@ def test_dispatch_only_for_bf16_cuda_inference_against_a_cache(monkeypatch):
     torch.testing.assert_close(gemma.attention(q, *new, mask, 1, cache), expected)  # with gradients: concatenated
     assert calls == [q.shape]
     monkeypatch.undo()
-    assert not kernels.available(q, 1)  # float32 / CPU never dispatch to it
+    assert kernels.tiling_for(q, 1) is None  # float32 / CPU never dispatch to it
 
 
 @pytest.mark.gpu
@@ -105,11 +105,8 @@ def test_kernel_matches_matmul_attention_on_cuda(shape):
     q, k, v, mask = _case(torch.bfloat16, "cuda", **shape)
     kv = shape.get("kv", 1)
     with torch.no_grad():
-        kernels.ENABLED = False
-        try:
+        with kernels.disabled():
             expected = gemma.attention(q, k, v, mask, kv).float()
-        finally:
-            kernels.ENABLED = True
         cut = k.shape[2] - shape.get("t", 51) // 2  # the cache, then this step's keys
         args = (q, k[:, :, cut:], v[:, :, cut:], mask, kv, (k[:, :, :cut], v[:, :, :cut]))
         out = gemma.attention(*args)
@@ -135,11 +132,8 @@ def test_bf16_sampling_with_the_kernel_in_compiled_graphs():
         model = PI0(PI0Config.variant("pi0_tiny", action_horizon=6)).apply_dtype_policy("bfloat16").eval()
     obs = random_observation(model.config).to("cuda")
     noise = torch.randn(2, 6, 32, device="cuda")
-    kernels.ENABLED = False
-    try:
+    with kernels.disabled():
         expected = model.sample_actions(obs, noise=noise, num_steps=3)
-    finally:
-        kernels.ENABLED = True
     eager = model.sample_actions(obs, noise=noise, num_steps=3)
     graphed = CUDAGraphSampler(model, compile=True)(obs, noise, 3)
     torch.testing.assert_close(eager, expected, atol=5e-2, rtol=5e-2)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -67,3 +71,33 @@ def _isolated_mlflow_uri(monkeypatch):
     """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; undo it so no test (or its subprocesses) inherits
     another test's store."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+# CPU installs have no Triton beside torch; `make install` puts one into the venv's triton-interpreter folder, used
+# only by the subprocesses of `run_triton_interpreter`, so that the main environment's torch never sees it
+INTERPRETER_TRITON = Path(sys.prefix) / "triton-interpreter"
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(
+    not HAS_TRITON and not INTERPRETER_TRITON.is_dir(), reason=f"needs triton (importable or in {INTERPRETER_TRITON})"
+)
+
+
+def run_triton_interpreter(script: str) -> subprocess.CompletedProcess:
+    """Run a Python script with Triton's CPU interpreter (kernels execute on the CPU with numpy)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    if not HAS_TRITON:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(INTERPRETER_TRITON), env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+
+
+def assert_kernels_match_in_compiled_graphs(model, obs: Observation, noise: torch.Tensor, disabled) -> None:
+    """bf16 sampling on CUDA with a kernel module's kernels equals it inside `disabled()` (the module's switch off),
+    eager and as a compiled CUDA graph, to bf16 tolerance."""
+    from pi0_lightning.model.graphs import CUDAGraphSampler
+
+    with disabled():
+        expected = model.sample_actions(obs, noise=noise, num_steps=3)
+    eager = model.sample_actions(obs, noise=noise, num_steps=3)
+    graphed = CUDAGraphSampler(model, compile=True)(obs, noise, 3)
+    torch.testing.assert_close(eager, expected, atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(graphed, eager, atol=5e-2, rtol=5e-2)

@@ -42,7 +42,7 @@ import torch
 from pi0_lightning.benchmarks import write_json
 from pi0_lightning.benchmarks.cpu import observation
 from pi0_lightning.checkpoint import build_model
-from pi0_lightning.model import kernels
+from pi0_lightning.model import kernels, small_gemm
 from pi0_lightning.model.config import GemmaConfig, PI0Config
 from pi0_lightning.model.graphs import CUDAGraphSampler, compile_blocks
 from pi0_lightning.model.pi0 import PI0
@@ -133,6 +133,9 @@ def matmul_peak_tflops(device: torch.device, n: int = 8192, repeats: int = 20) -
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
+INFER_MODES = ["eager", "drop-cam", "graph", "compile", "compile-unfused", "compile-matmul-attn", "compile-cublas"]
+
+
 def bench_inference(
     model: PI0,
     device: torch.device,
@@ -145,11 +148,13 @@ def bench_inference(
     as one CUDA graph, with the action expert's stacked q/k/v and gate/up projections; capture time and the max
     difference to plain eager sampling are reported); compile (graph, with every transformer block torch.compiled
     first; capture time includes compilation). For A/B runs: compile-unfused (neither stacked projections nor the
-    Triton suffix attention, session 2's state) and compile-matmul-attn (stacked projections, matmul attention).
+    Triton suffix attention, session 2's state), compile-matmul-attn (stacked projections, matmul attention) and
+    compile-cublas (cuBLAS and separate elementwise kernels instead of `small_gemm`'s fused GEMMs).
     The compile modes compile the model's blocks in place, so run them last."""
     cfg = model.config
     model.eval()
     kernels.ENABLED = mode not in ("compile-unfused", "compile-matmul-attn")
+    small_gemm.ENABLED = mode not in ("compile-unfused", "compile-matmul-attn", "compile-cublas")
     rows = []
     for b in batches:
         obs = observation(cfg, b).to(device)
@@ -337,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "--infer-modes",
         nargs="+",
         default=["eager"],
-        choices=["eager", "drop-cam", "graph", "compile", "compile-unfused", "compile-matmul-attn"],
+        choices=INFER_MODES,
     )
     parser.add_argument("--trainables", nargs="+", default=["full", "action_expert"], choices=["full", "action_expert"])
     parser.add_argument(

@@ -1,16 +1,18 @@
 """Kernel profile of one PI0 `sample_actions` call on CUDA: where batch-1 latency goes.
 
-    python -m pi0_lightning.benchmarks.profile [--batch 1] [--compile] [--tf32] [--rows 25]
+    python -m pi0_lightning.benchmarks.profile [--batch 1] [--compile] [--tf32] [--rows 25] [--trace trace.json]
 
 Full-size `pi0` in bf16 with random weights, the always-masked camera left out (as `LiberoPolicy` does), 10 Euler
 steps; three warm-up calls (with `--compile`: compilation, and the action expert's stacked projections as in
 `CUDAGraphSampler`), then one profiled call. Prints torch.profiler's table sorted by kernel time, and the number of
-kernels and their total time.
+kernels and their total time; `--trace` also writes the call's Chrome trace (every kernel with its start and
+duration, for a timeline or a per-phase breakdown).
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -28,6 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks first")
     p.add_argument("--tf32", action="store_true", help="float32 matmuls on TF32 (as the entry points set)")
     p.add_argument("--rows", type=int, default=25)
+    p.add_argument("--trace", type=Path, default=None, help="write the profiled call's Chrome trace (JSON) here")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("profile: error: needs a CUDA device")
@@ -55,6 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     kernels = [e for e in events if e.self_device_time_total > 0]
     total_ms = sum(e.self_device_time_total for e in kernels) / 1e3
     print(f"kernels: {sum(e.count for e in kernels)}, kernel time: {total_ms:.1f} ms")
+    if args.trace is not None:
+        args.trace.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(args.trace))
 
 
 if __name__ == "__main__":

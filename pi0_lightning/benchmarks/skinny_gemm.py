@@ -1,13 +1,12 @@
-"""The action expert's GEMMs at batch 1 (51 rows): cuBLAS against a plain Triton GEMM, over a sweep of its tiling.
+"""The action expert's GEMMs of a denoising step at batch 1 (51 rows), each with what follows it: the compiled unfused
+path (cuBLAS GEMM, then GeGLU or residual add as inductor emits them) against `model/small_gemm.py`'s fused Triton
+GEMM, over a sweep of its tiling (how `small_gemm.tiling` was chosen).
 
-    python -m pi0_lightning.benchmarks.skinny_gemm [--rows 51] [--out skinny_gemm.json]
+    python -m pi0_lightning.benchmarks.skinny_gemm [--rows 51] [--quick] [--out skinny_gemm.json]
 
-This answers whether a hand-written GEMM, into which norms and activations could later be fused, would be a faster
-base for the denoising steps than cuBLAS (measured on an H100: no, it only matches it; BENCHMARKS.md). Shapes are the
-stacked q/k/v (1024 -> 2560), o (2048 -> 1024), stacked gate/up (1024 -> 8192) and down (4096 -> 1024) projections,
-bf16 with float32 accumulation. Each variant is timed as a CUDA graph of 40 calls rotating over 8 weight copies (more
-than the L2 cache holds), so weights come from memory as in the model. The gate/up row also times a Triton GEMM with
-the GeGLU (`gelu_tanh(gate) * up`) fused into its epilogue against cuBLAS followed by the compiled activation.
+Ops: o with the residual add (2048 -> 1024), gate/up stacked with the GeGLU after (1024 -> 2 x 4096), down with the
+residual add (4096 -> 1024), bf16 with float32 accumulation. Each variant is timed as a CUDA graph of 40 calls
+rotating over 8 weight copies (more than the L2 cache holds), so weights come from memory as in the model.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ from __future__ import annotations
 import argparse
 import itertools
 from collections.abc import Callable, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,103 +21,111 @@ import torch
 import torch.nn.functional as F
 
 from pi0_lightning.benchmarks import graph_time_us, write_json
-from pi0_lightning.model.kernels import triton
+from pi0_lightning.model import small_gemm
 
-SHAPES = {"qkv": (1024, 2560), "o": (2048, 1024), "gate_up": (1024, 8192), "down": (4096, 1024)}
 COPIES = 8
-BLOCK_M = 64
-
-if triton is not None:
-    import triton.language as tl
-
-    @triton.jit
-    def _linear(
-        X, W, Y, M, N, K, sxm, swn, sym,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GEGLU: tl.constexpr,
-    ):  # fmt: skip
-        # Y = X @ W.T (W in nn.Linear's (out, in) layout); with GEGLU, W holds [gate; up] and Y = gelu(gate) * up
-        rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            x = tl.load(X + rm[:, None] * sxm + (k0 + rk)[None, :], mask=rm[:, None] < M, other=0.0)
-            acc = tl.dot(x, tl.trans(tl.load(W + rn[:, None] * swn + (k0 + rk)[None, :])), acc)
-            if GEGLU:
-                acc_up = tl.dot(x, tl.trans(tl.load(W + (rn + N)[:, None] * swn + (k0 + rk)[None, :])), acc_up)
-        if GEGLU:  # as the unfused path: both GEMM outputs rounded to bf16, then tanh-GELU, rounded, times up
-            gate = acc.to(tl.bfloat16).to(tl.float32)
-            inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
-            gelu = (gate * tl.sigmoid(2.0 * inner)).to(tl.bfloat16).to(tl.float32)  # 0.5 (1 + tanh u) = sigmoid(2u)
-            acc = gelu * acc_up.to(tl.bfloat16).to(tl.float32)
-        tl.store(Y + rm[:, None] * sym + rn[None, :], acc.to(Y.dtype.element_ty), mask=rm[:, None] < M)
+OPS = {  # name: (K, N, RMSNorm before, GeGLU after; else the residual add after)
+    "q/k/v (norm before)": (1024, 2560, True, False),
+    "o (+ residual)": (2048, 1024, False, False),
+    "gate/up (norm before, GeGLU after)": (1024, 4096, True, True),
+    "gate/up (GeGLU after; PI0.5)": (1024, 4096, False, True),
+    "down (+ residual)": (4096, 1024, False, False),
+}
+PI05_ONLY = "gate/up (GeGLU after; PI0.5)"
 
 
-def triton_linear(x, w, out, block_n: int, block_k: int, stages: int, geglu: bool = False) -> torch.Tensor:
-    m, k = x.shape
-    n = out.shape[1]
-    _linear[(n // block_n, triton.cdiv(m, BLOCK_M))](
-        x, w, out, m, n, k, x.stride(0), w.stride(0), out.stride(0),
-        BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, GEGLU=geglu, num_warps=4, num_stages=stages,
-    )  # fmt: skip
-    return out
+def unfused(x, w, norm_weight, residual, geglu: bool) -> torch.Tensor:
+    """The model's unfused arithmetic (gemma.RMSNorm, a Linear, then GeGLU or the residual add), to be compiled."""
+    if norm_weight is not None:
+        x32 = x.float()
+        x = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6) * (1.0 + norm_weight)).to(x.dtype)
+    y = F.linear(x, w)
+    if geglu:
+        gate, up = y.chunk(2, -1)
+        y = F.gelu(gate, approximate="tanh") * up
+    return y + residual if residual is not None else y
 
 
-def rotating(fn: Callable, weights: list[torch.Tensor], *args: Any) -> Callable[[int], object]:
+def tilings(n: int, k: int, quick: bool) -> list[small_gemm.Tiling]:
+    grid = itertools.product((16, 32, 64, 128), (64, 128, 256), (1, 2, 4, 8), (4, 8), (2, 3, 4, 5))
+    found = []
+    for block_n, block_k, split, warps, stages in grid:
+        programs = -(-n // block_n) * split
+        skip_quick = quick and (block_n in (16, 128) or block_k == 64 or warps == 8 or stages in (2, 5))
+        if k % (split * block_k) or not 16 <= programs <= 640 or skip_quick:
+            continue
+        found.append(small_gemm.Tiling(block_n, block_k, split, warps, stages))
+    return found
+
+
+def rotating(fn: Callable, weights: list[torch.Tensor]) -> Callable[[int], object]:
     """Call i of a timed graph uses weight copy i mod COPIES."""
-    return lambda i: fn(weights[i % COPIES], *args)
+    return lambda i: fn(weights[i % COPIES])
 
 
-def sweep(x, weights, n: int, reference: torch.Tensor, geglu: bool) -> tuple[float, float, dict[str, int]]:
-    """Fastest (us, max abs diff to reference, tiling) over the Triton tilings that fit."""
-    k = x.shape[1]
-    out = torch.empty(x.shape[0], n, device=x.device, dtype=x.dtype)
-    best = None
-    for block_n, block_k, stages in itertools.product((16, 32, 64, 128), (64, 128, 256), (3, 4)):
-        if n % block_n or k % block_k:
-            continue
-        try:
-            diff = (triton_linear(x, weights[0], out, block_n, block_k, stages, geglu).float() - reference).abs().max()
-            us = graph_time_us(rotating(partial(triton_linear, x), weights, out, block_n, block_k, stages, geglu))
-        except triton.runtime.errors.OutOfResources:
-            continue
-        if best is None or us < best[0]:
-            best = (us, diff.item(), dict(block_n=block_n, block_k=block_k, stages=stages))
-    return best
+def bench_op(
+    name: str, k: int, n: int, norm: bool, geglu: bool, rows: int, quick: bool, device: torch.device
+) -> dict[str, Any]:
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(1, rows, k, generator=g, device=device, dtype=torch.bfloat16)
+    out_n = 2 * n if geglu else n
+    weights = [torch.randn(out_n, k, generator=g, device=device, dtype=torch.bfloat16) * 0.02 for _ in range(COPIES)]
+    residual = None if geglu or norm else torch.randn(1, rows, n, generator=g, device=device, dtype=torch.bfloat16)
+    norm_weight = torch.randn(k, generator=g, device=device) * 0.1 if norm else None
+    # the fused GEMM reads the weights with the norm's (1 + w) folded in (FusedWeight's norm_weight)
+    folded = [(w.float() * (1.0 + norm_weight)).to(w.dtype) for w in weights] if norm else weights
+    compiled = torch.compile(unfused, dynamic=False)
+    with torch.no_grad():
+        reference = unfused(x, weights[0], norm_weight, residual, geglu).float()
+        unfused_us = graph_time_us(rotating(lambda w: compiled(x, w, norm_weight, residual, geglu), weights))
+        eps = 1e-6 if norm else None
+        chosen = small_gemm.tiling(n, k, geglu, norm, device)
+        results = []
+        for tile in [chosen, *(t for t in tilings(n, k, quick) if t != chosen)]:
+
+            def fused(w, tile=tile):
+                return small_gemm.linear(x, w, rms_eps=eps, geglu=geglu, residual=residual, tile=tile)
+
+            try:
+                diff = (fused(folded[0]).float() - reference).abs().max().item()
+                us = graph_time_us(rotating(fused, folded))
+            except Exception as e:  # a tiling that does not fit (shared memory, registers) is skipped
+                if "OutOfResources" not in type(e).__name__ and "out of resource" not in str(e):
+                    raise
+                continue
+            results.append((us, diff, tile))
+    if results[0][2] != chosen:
+        raise RuntimeError(f"skinny_gemm: the chosen tiling {chosen} does not run for {name}")
+    best = min(results, key=lambda r: r[0])
+    mbytes = out_n * k * 2 / 1e6
+    return dict(op=name, k=k, n=n, weight_mb=mbytes, unfused_us=unfused_us, chosen_us=results[0][0], chosen=str(chosen),
+                chosen_diff=results[0][1], best_us=best[0], best=str(best[2]), tried=len(results))  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=51, help="GEMM rows: 51 action tokens per batch element")
+    p.add_argument("--quick", action="store_true", help="sweep 16-64 columns, 128-256 deep, 4 warps, 3-4 stages only")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    if not torch.cuda.is_available() or triton is None:
+    if not torch.cuda.is_available() or small_gemm.triton is None:
         raise SystemExit("skinny_gemm: error: needs a CUDA device and Triton")
     device = torch.device("cuda")
-    geglu = torch.compile(lambda y: F.gelu(y[:, : y.shape[1] // 2], approximate="tanh") * y[:, y.shape[1] // 2 :])
-    rows = []
-    for name, (k, n) in SHAPES.items():
-        x = torch.randn(args.rows, k, device=device, dtype=torch.bfloat16)
-        weights = [torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02 for _ in range(COPIES)]
-        with torch.no_grad():
-            reference = F.linear(x, weights[0])
-            cublas_us = graph_time_us(rotating(partial(F.linear, x), weights))
-            us, diff, tile = sweep(x, weights, n, reference.float(), geglu=False)
-            rows.append(dict(op=name, k=k, n=n, cublas_us=cublas_us, triton_us=us, max_abs_diff=diff, tiling=tile))
-            if name == "gate_up":
-                cublas_us = graph_time_us(rotating(lambda w, x=x: geglu(F.linear(x, w)), weights))
-                us, diff, tile = sweep(x, weights, n // 2, geglu(reference).float(), geglu=True)
-                rows.append(dict(op="gate_up + GeGLU", k=k, n=n, cublas_us=cublas_us, triton_us=us, max_abs_diff=diff,
-                                 tiling=tile))  # fmt: skip
     print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, rows {args.rows}")
-    print("\n| op | K -> N | cuBLAS (us) | GB/s | Triton, best tiling (us) | GB/s | max abs diff | tiling |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        gbytes = r["n"] * r["k"] * 2 / 1e9
-        print(f"| {r['op']} | {r['k']} -> {r['n']} | {r['cublas_us']:.2f} | {gbytes / r['cublas_us'] * 1e6:.0f} | "
-              f"{r['triton_us']:.2f} | {gbytes / r['triton_us'] * 1e6:.0f} | {r['max_abs_diff']:.1e} | "
-              f"{r['tiling']} |")  # fmt: skip
+    print("\n| op | weights (MB) | unfused, compiled (us) | fused, chosen tiling (us) | GB/s | max abs diff | "
+          "best in sweep (us) | best tiling | tilings tried |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for name, (k, n, norm, geglu) in OPS.items():
+        r = bench_op(name, k, n, norm, geglu, args.rows, args.quick, device)
+        rows.append(r)
+        print(f"| {r['op']} | {r['weight_mb']:.1f} | {r['unfused_us']:.2f} | {r['chosen_us']:.2f} | "
+              f"{r['weight_mb'] / r['chosen_us'] * 1e3:.0f} | {r['chosen_diff']:.1e} | {r['best_us']:.2f} | "
+              f"{r['best']} | {r['tried']} |", flush=True)  # fmt: skip
+    total = {key: sum(r[key] for r in rows if r["op"] != PI05_ONLY) for key in ("unfused_us", "chosen_us", "best_us")}
+    print(f"\nper PI0 layer step: unfused {total['unfused_us']:.1f} us, fused (chosen) {total['chosen_us']:.1f} us, "
+          f"fused (best) {total['best_us']:.1f} us; x 180 layer steps at batch 1: "
+          f"{(total['unfused_us'] - total['chosen_us']) * 0.18:.2f} ms saved (chosen)")  # fmt: skip
     write_json(args.out, rows)
     return rows
 

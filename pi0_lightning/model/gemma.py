@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pi0_lightning.model import kernels
+from pi0_lightning.model import kernels, small_gemm
 from pi0_lightning.model.config import GemmaConfig
+from pi0_lightning.model.fused import FusedWeight, fusable, project
 
 BIG_NEG = -2.3819763e38
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
@@ -78,49 +79,6 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out.masked_fill_(~mask, BIG_NEG)[:, None]
 
 
-class FusedWeight:
-    """An inference-time copy of several bias-free Linear weights stacked along the output dimension, so that one
-    GEMM replaces several small ones (q/k/v, gate/up). The parameters stay separate (checkpoints, LoRA, FSDP and the
-    optimizer see no change); the copy is refreshed in place whenever a source weight was modified (its autograd
-    version counter moves on every in-place update: optimizer steps, `load_state_dict`), and rebuilt when a source
-    was re-allocated (`.to()`), so it never goes stale and, while shapes hold, keeps the address a CUDA graph uses."""
-
-    def __init__(self, linears: Sequence[nn.Linear]):
-        self.linears = list(linears)
-        self.sizes = [lin.out_features for lin in self.linears]
-        self.weight = self._stack()
-        self.stamp = self._stamp()
-
-    def _stamp(self) -> tuple:
-        return tuple((lin.weight._version, lin.weight.data_ptr(), lin.weight.dtype) for lin in self.linears)
-
-    def _stack(self, out: torch.Tensor | None = None) -> torch.Tensor:
-        # a normal tensor even when first built under inference_mode, so later in-place refreshes stay legal
-        with torch.inference_mode(False), torch.no_grad():
-            return torch.cat([lin.weight for lin in self.linears], out=out)
-
-    def refresh(self) -> None:
-        stamp = self._stamp()
-        if stamp == self.stamp:
-            return
-        same_place = all(s[1:] == t[1:] for s, t in zip(stamp, self.stamp, strict=True))
-        if same_place:
-            self._stack(out=self.weight)
-        else:
-            self.weight = self._stack()
-        self.stamp = stamp  # stacking reads the sources without changing them
-
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return F.linear(x, self.weight).split(self.sizes, dim=-1)
-
-
-def project(linears: Sequence[nn.Linear], fused: FusedWeight | None, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """All `linears` applied to x: one stacked GEMM at inference when fused, separate ones when training."""
-    if fused is not None and not torch.is_grad_enabled():
-        return fused(x)
-    return tuple(lin(x) for lin in linears)
-
-
 class GeGLU(nn.Module):
     def __init__(self, width: int, mlp_dim: int):
         super().__init__()
@@ -128,6 +86,7 @@ class GeGLU(nn.Module):
         self.up_proj = nn.Linear(width, mlp_dim, bias=False)
         self.down_proj = nn.Linear(mlp_dim, width, bias=False)
         self.fused: FusedWeight | None = None  # gate and up in one GEMM at inference (JointGemma.fuse_projections)
+        self.folded: FusedWeight | None = None  # the same with the norm folded in (ExpertLayer.folded_qkv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = project((self.gate_proj, self.up_proj), self.fused, x)
@@ -148,6 +107,9 @@ class ExpertLayer(nn.Module):
         self.ffn_norm = RMSNorm(cfg.width, eps, cond_dim)
         self.mlp = GeGLU(cfg.width, cfg.mlp_dim)
         self.fused_qkv: FusedWeight | None = None  # q, k and v in one GEMM at inference
+        # the same with the plain norms' (1 + w) folded in, for small_gemm's few-row GEMMs (PI0; PI0.5's adaptive
+        # norms change per denoising step and cannot be folded)
+        self.folded_qkv: FusedWeight | None = None
 
     def _fusable(self) -> tuple[tuple[nn.Linear, ...], tuple[nn.Linear, ...]]:
         return (self.q_proj, self.k_proj, self.v_proj), (self.mlp.gate_proj, self.mlp.up_proj)
@@ -155,14 +117,17 @@ class ExpertLayer(nn.Module):
     def fuse_projections(self) -> bool:
         """Stack q/k/v and gate/up for inference (see `FusedWeight`); False (nothing fused) for LoRA-adapted layers."""
         qkv, gate_up = self._fusable()
-        if not all(type(lin) is nn.Linear and lin.bias is None for lin in (*qkv, *gate_up)):
+        if not fusable((*qkv, *gate_up)):
             self.unfuse()
             return False
         self.fused_qkv, self.mlp.fused = FusedWeight(qkv), FusedWeight(gate_up)
+        if self.attn_norm.dense is None and self.ffn_norm.dense is None:
+            self.folded_qkv = FusedWeight(qkv, norm_weight=self.attn_norm.weight)
+            self.mlp.folded = FusedWeight(gate_up, norm_weight=self.ffn_norm.weight)
         return True
 
     def unfuse(self) -> None:
-        self.fused_qkv = self.mlp.fused = None
+        self.fused_qkv = self.mlp.fused = self.folded_qkv = self.mlp.folded = None
 
     def refresh_fusions(self) -> None:
         if self.fused_qkv is None or self.mlp.fused is None:
@@ -171,8 +136,9 @@ class ExpertLayer(nn.Module):
         if self.fused_qkv.linears != list(qkv) or self.mlp.fused.linears != list(gate_up):
             self.fuse_projections()  # a projection was replaced (e.g. by a LoRA adapter) after fusing
             return
-        self.fused_qkv.refresh()
-        self.mlp.fused.refresh()
+        for fused in (self.fused_qkv, self.mlp.fused, self.folded_qkv, self.mlp.folded):
+            if fused is not None:
+                fused.refresh()
 
 
 SMALL_ATTENTION = 1 << 22
@@ -236,15 +202,23 @@ class JointLayer(nn.Module):
         """hs: per-expert hidden states (B, T_i, D_i) or None; mask: additive (B, 1, T, S) where T = sum T_i and
         S = T plus the cached length; kv_cache: (K, V) of earlier tokens, already rotated, which are prepended.
         Returns the new hidden states and this call's (K, V) (without the cache)."""
+        active = [h for h in hs if h is not None]
+        small = kv_cache is not None and len(active) == 1 and not torch.is_grad_enabled()
+        small = small and small_gemm.usable(active[0])
         qs, ks, vs, gates = [], [], [], []
         for expert, h, cond in zip(self.experts, hs, conds, strict=True):
             if h is None:
                 gates.append(None)
                 continue
-            x, gate = expert.attn_norm(h, cond)
-            gates.append(gate)
-            b, t, _ = x.shape
-            q, k, v = project((expert.q_proj, expert.k_proj, expert.v_proj), expert.fused_qkv, x)
+            b, t, _ = h.shape
+            if small and expert.folded_qkv is not None and self._fused_gemms(expert):
+                folded = expert.folded_qkv
+                q, k, v = small_gemm.linear(h, folded.weight, rms_eps=expert.attn_norm.eps).split(folded.sizes, -1)
+                gates.append(None)
+            else:
+                x, gate = expert.attn_norm(h, cond)
+                gates.append(gate)
+                q, k, v = project((expert.q_proj, expert.k_proj, expert.v_proj), expert.fused_qkv, x)
             qs.append(q.view(b, t, self.num_heads, self.head_dim))
             ks.append(k.view(b, t, self.num_kv_heads, self.head_dim))
             vs.append(v.view(b, t, self.num_kv_heads, self.head_dim))
@@ -267,12 +241,28 @@ class JointLayer(nn.Module):
             if h is None:
                 new_hs.append(None)
                 continue
-            end = start + h.shape[1]
-            h = _residual(h, expert.o_proj(out[:, start:end]), gate)
-            start = end
+            o_in, start = out[:, start : start + h.shape[1]], start + h.shape[1]
+            if small and self._fused_gemms(expert):
+                # few rows against a cache (batch-1 denoising steps): the norms, residual adds, split-K reductions
+                # and GeGLU ride in the GEMMs (`small_gemm`): 4 kernels instead of 9-11
+                h = small_gemm.linear(o_in, expert.o_proj.weight, residual=h, residual_gate=gate)
+                if expert.mlp.folded is not None:
+                    act = small_gemm.linear(h, expert.mlp.folded.weight, rms_eps=expert.ffn_norm.eps, geglu=True)
+                    gate2 = None
+                else:
+                    x, gate2 = expert.ffn_norm(h, cond)
+                    act = small_gemm.linear(x, expert.mlp.fused.weight, geglu=True)
+                new_hs.append(small_gemm.linear(act, expert.mlp.down_proj.weight, residual=h, residual_gate=gate2))
+                continue
+            h = _residual(h, expert.o_proj(o_in), gate)
             x, gate2 = expert.ffn_norm(h, cond)
             new_hs.append(_residual(h, expert.mlp(x), gate2))
         return new_hs, (k, v)
+
+    @staticmethod
+    def _fused_gemms(expert: ExpertLayer) -> bool:
+        """Stacked inference weights present and plain Linear layers (LoRA adapters compute more than a weight)."""
+        return expert.mlp.fused is not None and fusable((expert.o_proj, expert.mlp.down_proj))
 
 
 class JointGemma(nn.Module):

@@ -26,9 +26,11 @@ get them where their shared memory allows (`tiling`).
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
@@ -199,14 +201,15 @@ def tiling_for(q: torch.Tensor, num_kv_heads: int) -> Tiling | None:
 
 
 @contextmanager
-def disabled() -> Iterator[None]:
-    """The matmul path for everything inside (A/B measurements, references in tests); restores the switch after."""
-    global ENABLED
-    enabled, ENABLED = ENABLED, False
+def disabled(module: ModuleType | None = None) -> Iterator[None]:
+    """The fallback path for everything inside (A/B measurements, references in tests): a kernel module's `ENABLED`
+    switch (this module's by default) is off inside and restored after."""
+    module = module or sys.modules[__name__]
+    enabled, module.ENABLED = module.ENABLED, False
     try:
         yield
     finally:
-        ENABLED = enabled
+        module.ENABLED = enabled
 
 
 def cached_attention(

@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_kernels_match_in_compiled_graphs, needs_triton, run_triton_interpreter
 
 from pi0_lightning.model import gemma, kernels
 
-# CPU installs have no Triton beside torch; `make install` puts one into the venv's triton-interpreter folder,
-# used only by the interpreter test's subprocess so that the main environment's torch never sees it
-INTERPRETER_TRITON = Path(sys.prefix) / "triton-interpreter"
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-needs_triton = pytest.mark.skipif(
-    not HAS_TRITON and not INTERPRETER_TRITON.is_dir(), reason=f"needs triton (importable or in {INTERPRETER_TRITON})"
-)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -59,10 +48,7 @@ def test_kernel_matches_matmul_attention_in_the_interpreter():
         print("ok")
         """
     )
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    if not HAS_TRITON:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(INTERPRETER_TRITON), env.get("PYTHONPATH")]))
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    out = run_triton_interpreter(script)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
@@ -124,7 +110,6 @@ def test_bf16_sampling_with_the_kernel_in_compiled_graphs():
     from conftest import random_observation
 
     from pi0_lightning.model.config import PI0Config
-    from pi0_lightning.model.graphs import CUDAGraphSampler
     from pi0_lightning.model.pi0 import PI0
 
     torch.manual_seed(0)
@@ -132,9 +117,4 @@ def test_bf16_sampling_with_the_kernel_in_compiled_graphs():
         model = PI0(PI0Config.variant("pi0_tiny", action_horizon=6)).apply_dtype_policy("bfloat16").eval()
     obs = random_observation(model.config).to("cuda")
     noise = torch.randn(2, 6, 32, device="cuda")
-    with kernels.disabled():
-        expected = model.sample_actions(obs, noise=noise, num_steps=3)
-    eager = model.sample_actions(obs, noise=noise, num_steps=3)
-    graphed = CUDAGraphSampler(model, compile=True)(obs, noise, 3)
-    torch.testing.assert_close(eager, expected, atol=5e-2, rtol=5e-2)
-    torch.testing.assert_close(graphed, eager, atol=5e-2, rtol=5e-2)
+    assert_kernels_match_in_compiled_graphs(model, obs, noise, kernels.disabled)

@@ -86,8 +86,9 @@ bench-env: $(STAMP)
 bench-gpu: $(STAMP)
 	$(PY) -m pi0_lightning.benchmarks.gpu --infer-modes eager drop-cam graph compile --out runs/bench_gpu.json
 	$(PY) -m pi0_lightning.benchmarks.gpu --skip-infer --batches-train 16 --trainables full --compile-train \
-		--out runs/bench_gpu_compiled_train.json
+		--checkpointing off on llm6 --out runs/bench_gpu_compiled_train.json
 	$(PY) -m pi0_lightning.benchmarks.attention --out runs/bench_attention.json
+	$(PY) -m pi0_lightning.benchmarks.skinny_gemm --quick --out runs/bench_skinny_gemm.json
 	$(PY) -m pi0_lightning.benchmarks.fast_decode --out runs/bench_fast.json
 	$(PY) -m pi0_lightning.benchmarks.rollout --workers 8 16 --out runs/bench_rollout.json
 

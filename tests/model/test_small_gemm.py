@@ -67,6 +67,21 @@ with torch.no_grad():
 per_step = 4 if VARIANT == "pi0_tiny" else 3  # PI0.5's adaptive norms are not folded into the q/k/v GEMM
 assert len(calls) == per_step * len(model.llm.layers) * 3, len(calls)
 torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+with torch.no_grad():  # in-place updates, as an optimizer step makes them: the stacked and folded copies follow
+    for layer in model.llm.layers:
+        expert = layer.experts[1]
+        if expert.attn_norm.weight is not None:  # PI0's plain norms, folded into the GEMMs' weights
+            expert.attn_norm.weight.add_(0.5)
+            expert.ffn_norm.weight.sub_(0.3)
+        else:  # PI0.5's adaptive norms start with zero residual gates: open them
+            expert.attn_norm.dense.bias.add_(0.5)
+            expert.ffn_norm.dense.bias.add_(0.5)
+        expert.mlp.gate_proj.weight.mul_(1.5)
+    updated = model.sample_actions(obs, noise=noise, num_steps=3)
+    small_gemm.usable = lambda x: False
+    expected_updated = model.sample_actions(obs, noise=noise, num_steps=3)
+assert (expected_updated - expected).abs().max() > 1e-3  # the update matters
+torch.testing.assert_close(updated, expected_updated, atol=1e-5, rtol=1e-5)
 print("ok")
 """
 
@@ -132,3 +147,28 @@ def test_bf16_sampling_with_fused_gemms_in_compiled_graphs():
     model = model.to("cuda").apply_dtype_policy("bfloat16")
     model.llm.fuse_projections()
     assert_kernels_match_in_compiled_graphs(model, obs.to("cuda"), noise.to("cuda"), small_gemm.disabled)
+
+
+@pytest.mark.gpu
+@needs_triton
+@needs_cuda
+def test_graph_replay_with_fused_gemms_follows_weight_and_norm_updates():
+    from pi0_lightning.model.graphs import CUDAGraphSampler
+
+    model, obs, noise = _tiny()
+    model = model.to("cuda").apply_dtype_policy("bfloat16")
+    obs, noise = obs.to("cuda"), noise.to("cuda")
+    sampler = CUDAGraphSampler(model)
+    expert = model.llm.layers[0].experts[1]
+    assert expert.folded_qkv is not None and expert.mlp.folded is not None
+    before = sampler(obs, noise, 3)  # captured with the norm-folded copies
+    with torch.no_grad():  # in-place updates, as an optimizer step makes them: the copies must follow
+        for layer in model.llm.layers:
+            layer.experts[1].attn_norm.weight.add_(0.5)
+            layer.experts[1].ffn_norm.weight.sub_(0.3)
+            layer.experts[1].mlp.gate_proj.weight.mul_(1.5)
+    replay = sampler(obs, noise, 3)
+    with small_gemm.disabled():
+        expected = model.sample_actions(obs, noise=noise, num_steps=3)
+    assert (expected - before).abs().max() > 0.1  # the update matters
+    torch.testing.assert_close(replay, expected, atol=5e-2, rtol=5e-2)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import os
 import sys
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -176,6 +176,7 @@ def shared_memory(block_n: int, block_k: int, stages: int, geglu: bool) -> int:
 
 
 def triton_shared_memory(device: torch.device | None) -> int:
+    """Shared memory a program may use on `device`, in bytes."""
     if device is None or device.type != "cuda":
         return 232_448  # an H100's, for the interpreter
     return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
@@ -229,13 +230,14 @@ def _small_linear_op(
         ws, count = _workspace(x.device, split * (2 * n + grid[0]) * m_pad, grid[0] * grid[2])
     else:
         ws, count = out, out  # not read
-    _small_linear[grid](
-        x2, weight, out, res, gate, ws, count, m, n, t, m_pad,
-        x2.stride(0), weight.stride(0), out.stride(0), res.stride(0), gate.stride(0),
-        K=k, NORM=rms_eps is not None, EPS=rms_eps or 0.0, GEGLU=geglu, RESIDUAL=residual is not None,
-        GATED=residual_gate is not None, SPLIT=split,
-        BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
-    )  # fmt: skip
+    with torch.cuda.device(x.device) if x.is_cuda else nullcontext():  # Triton launches on the current device
+        _small_linear[grid](
+            x2, weight, out, res, gate, ws, count, m, n, t, m_pad,
+            x2.stride(0), weight.stride(0), out.stride(0), res.stride(0), gate.stride(0),
+            K=k, NORM=rms_eps is not None, EPS=rms_eps or 0.0, GEGLU=geglu, RESIDUAL=residual is not None,
+            GATED=residual_gate is not None, SPLIT=split,
+            BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
     return out.view(b, t, n)
 
 

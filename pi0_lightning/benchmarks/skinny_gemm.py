@@ -89,9 +89,7 @@ def bench_op(
             try:
                 diff = (fused(folded[0]).float() - reference).abs().max().item()
                 us = graph_time_us(rotating(fused, folded))
-            except Exception as e:  # a tiling that does not fit (shared memory, registers) is skipped
-                if "OutOfResources" not in type(e).__name__ and "out of resource" not in str(e):
-                    raise
+            except small_gemm.triton.runtime.errors.OutOfResources:  # a tiling that does not fit is skipped
                 continue
             results.append((us, diff, tile))
     if results[0][2] != chosen:
@@ -105,7 +103,7 @@ def bench_op(
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=51, help="GEMM rows: 51 action tokens per batch element")
-    p.add_argument("--quick", action="store_true", help="sweep 16-64 columns, 128-256 deep, 4 warps, 3-4 stages only")
+    p.add_argument("--quick", action="store_true", help="sweep 32-64 columns, 128-256 deep, 4 warps, 3-4 stages only")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available() or small_gemm.triton is None:

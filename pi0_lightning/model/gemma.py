@@ -286,8 +286,9 @@ class JointGemma(nn.Module):
     def fuse_projections(self, experts: Sequence[int] = (1,)) -> int:
         """Run q/k/v and gate/up of the given experts as one GEMM each at inference (training is unchanged).
 
-        Costs one extra copy of those weights (the 300M action expert: ~0.3 GB in bf16; PaliGemma ~2.6 GB). The
-        copies follow the parameters automatically. Returns how many layers were fused."""
+        Costs one extra copy of those weights (the 300M action expert: ~0.3 GB in bf16; PaliGemma ~2.6 GB), and for
+        experts with plain norms a second one with the norms folded in, for `small_gemm` (action expert: ~0.4 GB).
+        The copies follow the parameters automatically. Returns how many layers were fused."""
         return sum(layer.experts[i].fuse_projections() for layer in self.layers for i in experts)
 
     def unfuse_projections(self) -> None:

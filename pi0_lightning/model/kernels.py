@@ -64,13 +64,20 @@ SMALL = Tiling(block_m=16, block_n=32, chunk=64, warps=4, stages=2)
 LARGE = Tiling(block_m=128, block_n=32, chunk=256, warps=8, stages=3)
 
 
+def shared_memory_limit(device: torch.device | None) -> int:
+    """Shared memory one Triton program may use on `device`, in bytes; unbounded off CUDA (Triton's CPU interpreter,
+    in tests)."""
+    if device is None or device.type != "cuda":
+        return 1 << 30
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
 def tiling(pairs: int, head_dim: int, device: torch.device) -> Tiling | None:
     """The tiling for `pairs` (batch x kv heads), from the same sweep: at batch 1, 16-row blocks and 64-key chunks
     spread the little work over ~260 programs; from batch 8, 128-row blocks load each key tile for more rows.
     Falls back to the small tiling, then to None (the matmul path), where the device has less shared memory than an
     H100."""
-    cuda = device.type == "cuda"  # else Triton's CPU interpreter (tests), which has no such limit
-    limit = torch.cuda.get_device_properties(device).shared_memory_per_block_optin if cuda else 1 << 30
+    limit = shared_memory_limit(device)
     for tile in (SMALL,) if pairs <= 4 else (LARGE, SMALL):
         if tile.shared_memory(head_dim) <= limit:
             return tile

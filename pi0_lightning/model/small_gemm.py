@@ -164,7 +164,7 @@ def tiling(n: int, k: int, geglu: bool = False, norm: bool = False, device: torc
     else:
         while split < 8 and -(-n // block_n) * split * 2 <= 160 and k % (split * 2 * block_k) == 0:
             split *= 2
-    limit = triton_shared_memory(device)
+    limit = kernels.shared_memory_limit(device)
     while stages > 2 and shared_memory(block_n, block_k, stages, geglu) > limit:
         stages -= 1
     return Tiling(block_n=block_n, block_k=block_k, split=split, stages=stages)
@@ -173,13 +173,6 @@ def tiling(n: int, k: int, geglu: bool = False, norm: bool = False, device: torc
 def shared_memory(block_n: int, block_k: int, stages: int, geglu: bool) -> int:
     """Estimated bytes: the pipelined bf16 row and weight tiles, +10%."""
     return int(1.1 * stages * 2 * block_k * (BLOCK_M + block_n * (2 if geglu else 1)))
-
-
-def triton_shared_memory(device: torch.device | None) -> int:
-    """Shared memory a program may use on `device`, in bytes."""
-    if device is None or device.type != "cuda":
-        return 232_448  # an H100's, for the interpreter
-    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
 
 
 _WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -104,6 +104,11 @@ def _tiny(variant="pi0_tiny"):
     return model, random_observation(model.config), torch.randn(2, 6, 32)
 
 
+def _tiny_bf16_cuda():
+    model, obs, noise = _tiny()
+    return model.to("cuda").apply_dtype_policy("bfloat16"), obs.to("cuda"), noise.to("cuda")
+
+
 def test_dispatch_only_at_inference_with_stacked_weights(monkeypatch):
     calls = []
     monkeypatch.setattr(small_gemm, "usable", lambda x: True)
@@ -143,10 +148,9 @@ def _unfused(real, x, weight, *, rms_eps=None, geglu=False, residual=None, resid
 @needs_triton
 @needs_cuda
 def test_bf16_sampling_with_fused_gemms_in_compiled_graphs():
-    model, obs, noise = _tiny()
-    model = model.to("cuda").apply_dtype_policy("bfloat16")
+    model, obs, noise = _tiny_bf16_cuda()
     model.llm.fuse_projections()
-    assert_kernels_match_in_compiled_graphs(model, obs.to("cuda"), noise.to("cuda"), small_gemm.disabled)
+    assert_kernels_match_in_compiled_graphs(model, obs, noise, small_gemm.disabled)
 
 
 @pytest.mark.gpu
@@ -155,9 +159,7 @@ def test_bf16_sampling_with_fused_gemms_in_compiled_graphs():
 def test_graph_replay_with_fused_gemms_follows_weight_and_norm_updates():
     from pi0_lightning.model.graphs import CUDAGraphSampler
 
-    model, obs, noise = _tiny()
-    model = model.to("cuda").apply_dtype_policy("bfloat16")
-    obs, noise = obs.to("cuda"), noise.to("cuda")
+    model, obs, noise = _tiny_bf16_cuda()
     sampler = CUDAGraphSampler(model)
     expert = model.llm.layers[0].experts[1]
     assert expert.folded_qkv is not None and expert.mlp.folded is not None

@@ -313,6 +313,14 @@ class JointGemma(nn.Module):
         scale = float(torch.tensor(self.configs[0].width ** 0.5, dtype=table.dtype))
         return F.embedding(tokens, table) * scale
 
+    def attention_inputs(
+        self, positions: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """RoPE tables for positions (B, T) and the additive form of the boolean mask (B, T, S), shared by all layers
+        (and by all denoising steps of one sampling call, which compute them once)."""
+        dtype = self.layers[0].experts[0].q_proj.weight.dtype
+        return rope_tables(positions, self.layers[0].head_dim), additive_mask(mask, dtype)
+
     def forward(
         self,
         hs: list[torch.Tensor | None],
@@ -323,13 +331,26 @@ class JointGemma(nn.Module):
         return_kv: bool = False,
     ) -> tuple[list[torch.Tensor | None], KVCache | None]:
         """Run all layers. positions (B, T) for the new tokens; mask boolean (B, T, S)."""
+        rope, amask = self.attention_inputs(positions, mask)
+        return self.run(hs, rope, amask, conds, kv_cache, return_kv)
+
+    def run(
+        self,
+        hs: list[torch.Tensor | None],
+        rope: tuple[torch.Tensor, torch.Tensor],
+        amask: torch.Tensor,
+        conds: Sequence[torch.Tensor | None] | None = None,
+        kv_cache: KVCache | None = None,
+        return_kv: bool = False,
+        final_norms: bool = True,
+    ) -> tuple[list[torch.Tensor | None], KVCache | None]:
+        """`forward` with its `attention_inputs` given; `final_norms=False` returns the hidden states before the
+        experts' final norms (the sampler applies that norm inside its compiled per-step update)."""
         conds = conds if conds is not None else [None] * len(self.configs)
         if not torch.is_grad_enabled():
             self.refresh_fusions()
         dtype = self.layers[0].experts[0].q_proj.weight.dtype
         hs = [h.to(dtype) if h is not None else None for h in hs]
-        rope = rope_tables(positions, self.layers[0].head_dim)
-        amask = additive_mask(mask, dtype)
         cache_out: KVCache = []
         for i, layer in enumerate(self.layers):
             cache_i = kv_cache[i] if kv_cache is not None else None
@@ -339,5 +360,6 @@ class JointGemma(nn.Module):
                 hs, kv = layer(hs, rope, amask, conds, cache_i)
             if return_kv:
                 cache_out.append(kv)
-        outs = [norm(h, c)[0] if h is not None else None for norm, h, c in zip(self.norms, hs, conds, strict=True)]
-        return outs, (cache_out if return_kv else None)
+        if final_norms:
+            hs = [norm(h, c)[0] if h is not None else None for norm, h, c in zip(self.norms, hs, conds, strict=True)]
+        return hs, (cache_out if return_kv else None)

@@ -85,7 +85,9 @@ def compile_blocks(model: torch.nn.Module) -> int:
     All blocks of a class share one code object, and dynamo caps the compiled variants per code object (8 by
     default): prefix and suffix shapes per batch size, CFG's doubled batch, training versus inference and stacked
     versus separate projections add up past that, after which blocks silently run eager (measured: batch 1 went from
-    23 to 40 ms). The cap is raised to `RECOMPILE_LIMIT`."""
+    23 to 40 ms). The cap is raised to `RECOMPILE_LIMIT`.
+
+    A PI0 model also gets its per-denoising-step work around the layers compiled (`PI0.compile_denoise_step`)."""
     import torch._dynamo.config
 
     from pi0_lightning.model.gemma import JointLayer
@@ -97,6 +99,8 @@ def compile_blocks(model: torch.nn.Module) -> int:
         if isinstance(module, (JointLayer, SiglipBlock)) and getattr(module, "_compiled_call_impl", None) is None:
             module.compile(dynamic=False, backend=_inductor_recomputing)
             count += 1
+        elif isinstance(module, PI0):
+            module.compile_denoise_step()
     return count
 
 

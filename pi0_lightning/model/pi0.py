@@ -117,6 +117,17 @@ def sample_time(
     return (b * 0.999 + 0.001).to(torch.float32)
 
 
+def euler_times(num_steps: int) -> list[float]:
+    """The times t of openpi's Euler loop from t = 1 with dt = -1/num_steps: it runs `while t >= -dt/2` with t
+    accumulated in float32, reproduced exactly."""
+    dt = np.float32(-1.0 / num_steps)
+    t, times = np.float32(1.0), []
+    while t >= -dt / 2:
+        times.append(float(t))
+        t = np.float32(t + dt)
+    return times
+
+
 @dataclass
 class PrefixCache:
     """Keys/values of the prefix (per layer, after RoPE) and its validity mask, computed once per observation."""
@@ -130,6 +141,23 @@ class PrefixCache:
             kv=[(k.repeat_interleave(repeats, 0), v.repeat_interleave(repeats, 0)) for k, v in self.kv],
             mask=self.mask.repeat_interleave(repeats, 0),
         )
+
+
+@dataclass
+class DenoiseContext:
+    """What the denoising steps against one prefix share, computed once per `sample_actions` call: the prefix cache,
+    the suffix's RoPE tables and additive attention mask, PI0's state token and the condition embedding.
+
+    With two CFG branches (`repeats` = 2) every tensor here has rows (null, positive) per batch element, and the
+    steps' velocities are combined as v_null + guidance * (v_pos - v_null)."""
+
+    prefix: PrefixCache
+    rope: tuple[torch.Tensor, torch.Tensor]
+    mask: torch.Tensor  # additive (B * repeats, 1, S_suf, S_prefix + S_suf)
+    state_token: torch.Tensor | None
+    cond_embed: torch.Tensor | None
+    repeats: int = 1
+    guidance: float | None = None
 
 
 class PI0(nn.Module):
@@ -203,29 +231,63 @@ class PI0(nn.Module):
 
         `cond` (B,) long selects the learned advantage condition added to every action token (None: none added).
         """
-        cfg = self.config
-        b, h = x_t.shape[:2]
-        time_emb = posemb_sincos(time, cfg.action_expert.width)
+        time_emb = posemb_sincos(time, self.config.action_expert.width)
+        tokens = self.suffix_tokens(x_t, time_emb, self.state_token(state), self.cond_embedding(cond))
+        mask, ar_mask = self.suffix_masks(x_t.shape[0], x_t.shape[1], x_t.device)
+        return tokens, mask, ar_mask, self.time_condition(time_emb)
+
+    def state_token(self, state: torch.Tensor) -> torch.Tensor | None:
+        """PI0's state token (B, 1, W_ae); None for PI0.5 (state enters as prompt text)."""
+        return None if self.config.pi05 else self.state_proj(state.float())[:, None]
+
+    def cond_embedding(self, cond: torch.Tensor | None) -> torch.Tensor | None:
+        """The learned advantage-condition embedding (B, 1, W_ae) of `cond` (B,) long, or None without a condition."""
+        if cond is None:
+            return None
+        if self.cfg_embed is None:
+            raise ValueError("this model has no CFG condition embedding (see add_cfg_conditions)")
+        return self.cfg_embed(cond)[:, None]
+
+    def time_condition(self, time_emb: torch.Tensor) -> torch.Tensor | None:
+        """PI0.5's adaRMS condition from the sincos time embedding (any leading dims); None for PI0."""
+        if not self.config.pi05:
+            return None
+        return F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(time_emb))))
+
+    def suffix_tokens(
+        self,
+        x_t: torch.Tensor,
+        time_emb: torch.Tensor,
+        state_token: torch.Tensor | None,
+        cond_embed: torch.Tensor | None,
+        repeats: int = 1,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """Action-expert input tokens (B * repeats, S_suf, W_ae) for noisy actions x_t (B, H, action_dim), float32
+        or cast to `dtype`.
+
+        `repeats`: each row of x_t repeated for the CFG branches that share it (time_emb, state_token and cond_embed
+        are already per repeated row)."""
+        if repeats > 1:
+            x_t = x_t.repeat_interleave(repeats, 0)
         action_tokens = self.action_in_proj(x_t.float())
-        tokens: list[torch.Tensor] = []
-        if cfg.pi05:
-            adarms = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(time_emb))))
-        else:
-            adarms = None
-            tokens.append(self.state_proj(state.float())[:, None])
+        if not self.config.pi05:
+            b, h = x_t.shape[:2]
             mixed = torch.cat([action_tokens, time_emb[:, None].expand(b, h, -1)], dim=-1)
             action_tokens = self.action_time_mlp_out(F.silu(self.action_time_mlp_in(mixed)))
-        if cond is not None:
-            if self.cfg_embed is None:
-                raise ValueError("this model has no CFG condition embedding (see add_cfg_conditions)")
-            action_tokens = action_tokens + self.cfg_embed(cond)[:, None]
-        tokens.append(action_tokens)
-        out = torch.cat(tokens, dim=1)
-        mask = torch.ones(out.shape[:2], dtype=torch.bool, device=out.device)
-        # [state: 1,] actions: 1, 0, ..., 0 -- built with device fills (no host copy: CUDA-graph capturable)
-        ar_mask = torch.zeros(out.shape[1], dtype=torch.bool, device=out.device)
-        ar_mask[: 1 if cfg.pi05 else 2] = True
-        return out, mask, ar_mask, adarms
+        if cond_embed is not None:
+            action_tokens = action_tokens + cond_embed
+        tokens = action_tokens if state_token is None else torch.cat([state_token, action_tokens], dim=1)
+        return tokens if dtype is None else tokens.to(dtype)
+
+    def suffix_masks(self, batch: int, horizon: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validity mask (B, S_suf) and ar mask (S_suf,) of the suffix: [state: 1,] actions: 1, 0, ..., 0."""
+        s = horizon + (0 if self.config.pi05 else 1)
+        mask = torch.ones((batch, s), dtype=torch.bool, device=device)
+        # built with device fills (no host copy: CUDA-graph capturable)
+        ar_mask = torch.zeros(s, dtype=torch.bool, device=device)
+        ar_mask[: 1 if self.config.pi05 else 2] = True
+        return mask, ar_mask
 
     # ------------------------------------------------------------------ training
 
@@ -270,6 +332,49 @@ class PI0(nn.Module):
         _, kv = self.llm([tokens, None], positions, make_attn_mask(mask, ar), return_kv=True)
         return PrefixCache(kv=kv, mask=mask)
 
+    def denoise_context(
+        self,
+        prefix: PrefixCache,
+        state: torch.Tensor,
+        cond: torch.Tensor | None = None,
+        guidance: float | None = None,
+        horizon: int | None = None,
+    ) -> DenoiseContext:
+        """Everything the denoising steps against `prefix` share, computed once (see `DenoiseContext`).
+
+        cond (B,) long: the advantage condition of every row (None: none added). guidance: instead of `cond`, the
+        CFG weight w of `sample_actions` (w = 0 or 1 runs only the null or positive branch)."""
+        b, device = state.shape[0], state.device
+        repeats = 1
+        if guidance is not None:
+            if self.cfg_embed is None:
+                raise ValueError("guidance needs a model trained with CFG conditions (num_cfg_conditions > 0)")
+            if guidance in (0.0, 1.0):  # a single branch: no need to run the other one
+                cond = torch.full((b,), COND_POSITIVE if guidance == 1.0 else COND_NULL, device=device)
+                guidance = None
+            else:  # rows [i, i] = (null, positive) of element i, one prefix pass
+                repeats = 2
+                prefix = prefix.expand(2)
+                state = state.repeat_interleave(2, 0)
+                cond = torch.full((2 * b,), COND_NULL, dtype=torch.long, device=device)
+                cond[1::2] = COND_POSITIVE
+        s_mask, s_ar = self.suffix_masks(b * repeats, horizon or self.config.action_horizon, device)
+        s = s_mask.shape[1]
+        mask = torch.cat([prefix.mask[:, None, :].expand(-1, s, -1), make_attn_mask(s_mask, s_ar)], dim=2)
+        positions = prefix.mask.sum(-1, keepdim=True) + torch.cumsum(s_mask.long(), dim=1) - 1
+        rope, amask = self.llm.attention_inputs(positions, mask)
+        return DenoiseContext(
+            prefix, rope, amask, self.state_token(state), self.cond_embedding(cond), repeats, guidance
+        )
+
+    def velocity(self, ctx: DenoiseContext, x_t: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        """v (B, H, action_dim) float32 at noisy actions x_t (B, H, action_dim) and times (B,), CFG branches
+        combined."""
+        time_emb = posemb_sincos(time.repeat_interleave(ctx.repeats, 0), self.config.action_expert.width)
+        adarms = self.time_condition(time_emb)
+        out = self._expert_step(ctx, x_t, time_emb, adarms)
+        return self._velocity_from(out, adarms, x_t.shape[1], ctx.repeats, ctx.guidance)
+
     def denoise_step(
         self,
         prefix: PrefixCache,
@@ -279,12 +384,48 @@ class PI0(nn.Module):
         cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Velocity (B, H, action_dim) of the suffix attending to a cached prefix."""
-        suffix, s_mask, s_ar, adarms = self.embed_suffix(state, x_t, time, cond)
-        s = suffix.shape[1]
-        mask = torch.cat([prefix.mask[:, None, :].expand(-1, s, -1), make_attn_mask(s_mask, s_ar)], dim=2)
-        positions = prefix.mask.sum(-1, keepdim=True) + torch.cumsum(s_mask.long(), dim=1) - 1
-        (_, out), _ = self.llm([None, suffix], positions, mask, conds=[None, adarms], kv_cache=prefix.kv)
-        return self.action_out_proj(out[:, -x_t.shape[1] :].float())
+        return self.velocity(self.denoise_context(prefix, state, cond, horizon=x_t.shape[1]), x_t, time)
+
+    def _expert_step(
+        self, ctx: DenoiseContext, x_t: torch.Tensor, time_emb: torch.Tensor, adarms: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The action expert's last hidden states (B * repeats, S_suf, W_ae) of one denoising step, before its final
+        norm."""
+        tokens = self.suffix_tokens(x_t, time_emb, ctx.state_token, ctx.cond_embed, ctx.repeats, self.compute_dtype)
+        (_, out), _ = self.llm.run(
+            [None, tokens], ctx.rope, ctx.mask, [None, adarms], kv_cache=ctx.prefix.kv, final_norms=False
+        )
+        return out
+
+    def _velocity_from(
+        self, out: torch.Tensor, adarms: torch.Tensor | None, horizon: int, repeats: int, guidance: float | None
+    ) -> torch.Tensor:
+        out = self.llm.norms[1](out[:, -horizon:], adarms)[0]
+        v = self.action_out_proj(out.float())
+        if repeats == 1:
+            return v
+        v_null, v_pos = v.view(-1, repeats, *v.shape[1:]).unbind(1)
+        return v_null + guidance * (v_pos - v_null)
+
+    def _euler_update(
+        self,
+        x: torch.Tensor,
+        out: torch.Tensor,
+        adarms: torch.Tensor | None,
+        dt: float,
+        repeats: int,
+        guidance: float | None,
+    ) -> torch.Tensor:
+        return x + dt * self._velocity_from(out, adarms, x.shape[1], repeats, guidance)
+
+    def compile_denoise_step(self) -> None:
+        """torch.compile the per-step work around the action expert's layers in `sample_actions`: the suffix tokens
+        and the output projection with the Euler update. Eager, they are ~60 small kernels per denoising step
+        (float32 islands, casts, concatenations); compiled, a few fused ones besides the float32 GEMMs. The layers
+        themselves are compiled per block (`graphs.compile_blocks`, which calls this)."""
+        if "suffix_tokens" not in self.__dict__:  # compiled ones shadow the methods on this instance
+            self.suffix_tokens = torch.compile(self.suffix_tokens, dynamic=False)
+            self._euler_update = torch.compile(self._euler_update, dynamic=False)
 
     @torch.no_grad()
     def sample_actions(
@@ -300,6 +441,10 @@ class PI0(nn.Module):
         guidance: None samples the plain model (no condition added). With the CFG embedding, w gives
         v = v_null + w * (v_pos - v_null) at every Euler step (w = 1: the positive-conditioned policy, one pass;
         w = 0: the null branch); both branches share one prefix pass.
+
+        Everything the steps share is computed once, before them: the prefix's keys and values, the suffix's mask
+        and RoPE tables, the state token, the condition embedding, and all steps' time embeddings (PI0.5: their
+        adaRMS conditions) in one batch.
         """
         cfg = self.config
         b = obs.batch_size
@@ -308,40 +453,20 @@ class PI0(nn.Module):
             noise = torch.randn(
                 b, cfg.action_horizon, cfg.action_dim, generator=generator, device=device, dtype=torch.float32
             )
-        prefix = self.encode_prefix(obs)
-        velocity = self._guided_velocity(prefix, obs.state, guidance)
+        ctx = self.denoise_context(self.encode_prefix(obs), obs.state, guidance=guidance, horizon=noise.shape[1])
+        times = euler_times(num_steps)
+        rows = b * ctx.repeats
+        # device fills, not a host tensor: capturable in a CUDA graph
+        t_all = torch.cat([torch.full((rows,), float(t), device=device) for t in times])
+        time_embs = posemb_sincos(t_all, cfg.action_expert.width).view(len(times), rows, -1)
+        adarms = self.time_condition(time_embs)
+        dt = float(np.float32(-1.0 / num_steps))
         x = noise.float()
-        # openpi loops `while t >= -dt/2` with t accumulated in float32; reproduce it exactly
-        dt = np.float32(-1.0 / num_steps)
-        t = np.float32(1.0)
-        while t >= -dt / 2:
-            v = velocity(x, torch.full((b,), float(t), device=device))
-            x = x + float(dt) * v
-            t = np.float32(t + dt)
+        for i in range(len(times)):
+            cond = None if adarms is None else adarms[i]
+            out = self._expert_step(ctx, x, time_embs[i], cond)
+            x = self._euler_update(x, out, cond, dt, ctx.repeats, ctx.guidance)
         return x
-
-    def _guided_velocity(self, prefix: PrefixCache, state: torch.Tensor, guidance: float | None):
-        """A function (x_t, t) -> v for the requested guidance; shares the prefix between CFG branches."""
-        if guidance is None:
-            return lambda x, t: self.denoise_step(prefix, state, x, t)
-        if self.cfg_embed is None:
-            raise ValueError("guidance needs a model trained with CFG conditions (num_cfg_conditions > 0)")
-        b = state.shape[0]
-        device = state.device
-        if guidance in (0.0, 1.0):  # a single branch: no need to run the other one
-            cond = torch.full((b,), COND_POSITIVE if guidance == 1.0 else COND_NULL, device=device)
-            return lambda x, t: self.denoise_step(prefix, state, x, t, cond)
-        both = prefix.expand(2)  # rows [i, i] = (null, positive) of element i
-        conds = torch.full((2 * b,), COND_NULL, dtype=torch.long, device=device)
-        conds[1::2] = COND_POSITIVE
-        state2 = state.repeat_interleave(2, 0)
-
-        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            v = self.denoise_step(both, state2, x.repeat_interleave(2, 0), t.repeat_interleave(2, 0), conds)
-            v_null, v_pos = v.view(b, 2, *v.shape[1:]).unbind(1)
-            return v_null + guidance * (v_pos - v_null)
-
-        return velocity
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -10,7 +10,7 @@ from conftest import random_observation
 
 from pi0_lightning.checkpoint import build_model
 from pi0_lightning.model.config import PI0Config
-from pi0_lightning.model.pi0 import PI0, make_attn_mask, posemb_sincos, sample_time
+from pi0_lightning.model.pi0 import PI0, euler_times, make_attn_mask, posemb_sincos, sample_time
 
 
 @pytest.fixture(params=["pi0_tiny", "pi05_tiny"])
@@ -92,6 +92,34 @@ def test_masked_camera_and_padding_have_no_effect(model):
     obs.tokenized_prompt = torch.where(obs.tokenized_prompt_mask, obs.tokenized_prompt, 7)  # padding content
     b = model.sample_actions(obs, noise=noise, num_steps=3)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_euler_times_follow_openpi_float32_loop():
+    assert euler_times(10) == pytest.approx([1.0 - 0.1 * i for i in range(10)], abs=1e-6)
+    assert len(euler_times(3)) == 3 and euler_times(1) == [1.0]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("guidance", [None, 2.5])
+def test_sampler_equals_step_by_step_denoising(model, guidance):
+    """sample_actions computes the steps' shared inputs once (DenoiseContext, batched time embeddings) and, after
+    compile_denoise_step, runs the work around the layers compiled: same actions as Euler steps of `velocity`."""
+    cfg = model.config
+    obs = random_observation(cfg, batch_size=2)
+    noise = torch.randn(2, cfg.action_horizon, cfg.action_dim)
+    if guidance is not None:
+        model.add_cfg_conditions(2).cfg_embed.weight.normal_()
+    ctx = model.denoise_context(model.encode_prefix(obs), obs.state, guidance=guidance)
+    x = noise
+    for t in euler_times(3):
+        x = x + (-1 / 3) * model.velocity(ctx, x, torch.full((2,), t))
+    torch.testing.assert_close(model.sample_actions(obs, noise=noise, num_steps=3, guidance=guidance), x)
+    model.compile_denoise_step()
+    try:
+        compiled = model.sample_actions(obs, noise=noise, num_steps=3, guidance=guidance)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(compiled, x, atol=1e-5, rtol=1e-5)
 
 
 @torch.no_grad()

@@ -99,9 +99,9 @@ def test_guidance_combines_null_and_positive_branches(model):
     t = torch.full((3,), 0.5)
     v_null = model.denoise_step(prefix, obs.state, noise, t, torch.full((3,), COND_NULL))
     v_pos = model.denoise_step(prefix, obs.state, noise, t, torch.full((3,), COND_POSITIVE))
-    guided = model._guided_velocity(prefix, obs.state, 2.5)(noise, t)
+    guided = model.velocity(model.denoise_context(prefix, obs.state, guidance=2.5), noise, t)
     torch.testing.assert_close(guided, v_null + 2.5 * (v_pos - v_null), rtol=1e-4, atol=1e-5)
-    one = model._guided_velocity(prefix, obs.state, 1.0)(noise, t)
+    one = model.velocity(model.denoise_context(prefix, obs.state, guidance=1.0), noise, t)
     torch.testing.assert_close(one, v_pos)
     with pytest.raises(ValueError, match="needs a model trained with CFG"):
         PI0(PI0Config.variant("pi0_tiny")).sample_actions(obs, guidance=2.0)

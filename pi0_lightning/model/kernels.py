@@ -72,13 +72,19 @@ def shared_memory_limit(device: torch.device | None) -> int:
     return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
 
 
-def tiling(pairs: int, head_dim: int, device: torch.device) -> Tiling | None:
-    """The tiling for `pairs` (batch x kv heads), from the same sweep: at batch 1, 16-row blocks and 64-key chunks
-    spread the little work over ~260 programs; from batch 8, 128-row blocks load each key tile for more rows.
-    Falls back to the small tiling, then to None (the matmul path), where the device has less shared memory than an
-    H100."""
+PREFIX_ROWS = 1024
+"""Query rows per kv head (query heads sharing it x tokens) above which one pair already gets the large tiling: the
+prefix pass at batch 1 (8 heads x 560 tokens, measured on an H100: 17.77 -> 17.60 ms per batch-1 call against the
+float32 matmul path; BENCHMARKS.md)."""
+
+
+def tiling(pairs: int, head_dim: int, device: torch.device, rows: int = 0) -> Tiling | None:
+    """The tiling for `pairs` (batch x kv heads) of `rows` query rows each, from the same sweep: at batch 1 of the
+    denoising steps, 16-row blocks and 64-key chunks spread the little work over ~260 programs; from batch 8, and
+    for the prefix's thousands of rows, 128-row blocks load each key tile for more rows. Falls back to the small
+    tiling, then to None (the matmul path), where the device has less shared memory than an H100."""
     limit = shared_memory_limit(device)
-    for tile in (SMALL,) if pairs <= 4 else (LARGE, SMALL):
+    for tile in (SMALL,) if pairs <= 4 and rows <= PREFIX_ROWS else (LARGE, SMALL):
         if tile.shared_memory(head_dim) <= limit:
             return tile
     return None
@@ -204,7 +210,7 @@ def tiling_for(q: torch.Tensor, num_kv_heads: int) -> Tiling | None:
         and d & (d - 1) == 0
         and pairs <= MAX_PAIRS
     )
-    return tiling(pairs, d, q.device) if usable else None
+    return tiling(pairs, d, q.device, rows=q.shape[1] // num_kv_heads * q.shape[2]) if usable else None
 
 
 @contextmanager

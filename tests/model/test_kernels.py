@@ -52,10 +52,10 @@ def test_kernel_matches_matmul_attention_in_the_interpreter():
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
-def test_tiling_by_batch_and_shared_memory(monkeypatch):
+def test_tiling_by_batch_rows_and_shared_memory(monkeypatch):
     cpu = torch.device("cpu")  # the interpreter: no shared-memory limit
-    assert kernels.tiling(1, 256, cpu) == kernels.tiling(4, 256, cpu) == kernels.SMALL
-    assert kernels.tiling(16, 256, cpu) == kernels.LARGE
+    assert kernels.tiling(1, 256, cpu, rows=8 * 51) == kernels.tiling(4, 256, cpu) == kernels.SMALL
+    assert kernels.tiling(16, 256, cpu) == kernels.tiling(1, 256, cpu, rows=8 * 560) == kernels.LARGE
     cuda = torch.device("cuda", 0)
     for limit, expected in ((232448, kernels.LARGE), (166912, kernels.SMALL), (65536, None)):  # H100, A100, less
         props = type("Props", (), {"shared_memory_per_block_optin": limit})()
@@ -72,11 +72,13 @@ def test_dispatch_only_for_bf16_cuda_inference_against_a_cache(monkeypatch):
     with torch.no_grad():
         gemma.attention(q, *new, mask, 1, cache)  # queries against a cache: the kernel
         gemma.attention(q[:, :, :1], *new, mask[:, :, :1], 1, cache)  # one query (PI0-FAST decoding): not the kernel
-        gemma.attention(q, k[:, :, :4], v[:, :, :4], mask[..., :4], 1)  # no cache: not the kernel
-    assert calls == [q.shape]
+        gemma.attention(q, k[:, :, :4], v[:, :, :4], mask[..., :4], 1)  # no cache, few scores (a prefix): the kernel
+        monkeypatch.setattr(gemma, "SMALL_ATTENTION", 0)
+        gemma.attention(q, k[:, :, :4], v[:, :, :4], mask[..., :4], 1)  # no cache, more scores: SDPA
+    assert calls == [q.shape, q.shape]
     expected = gemma.attention(q, k, v, mask, 1)
     torch.testing.assert_close(gemma.attention(q, *new, mask, 1, cache), expected)  # with gradients: concatenated
-    assert calls == [q.shape]
+    assert calls == [q.shape, q.shape]
     monkeypatch.undo()
     assert kernels.tiling_for(q, 1) is None  # float32 / CPU never dispatch to it
 
@@ -101,6 +103,20 @@ def test_kernel_matches_matmul_attention_on_cuda(shape):
     # both round probabilities once to bf16 (in different places) and the output to bf16
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(compiled, out, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@needs_triton
+@needs_cuda
+def test_kernel_matches_matmul_attention_without_cache_on_cuda():
+    # the prefix pass at batch 1: 8 heads x 560 tokens against themselves, the large tiling
+    q, k, v, mask = _case(torch.bfloat16, "cuda", b=1, t=560, s=560, d=256)
+    with torch.no_grad():
+        with kernels.disabled():
+            expected = gemma.attention(q, k, v, mask, 1).float()
+        assert kernels.tiling_for(q, 1) == kernels.LARGE
+        out = gemma.attention(q, k, v, mask, 1)
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.gpu

@@ -155,10 +155,12 @@ def attention(
     mask: torch.Tensor,
     num_kv_heads: int,
     cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Grouped-query attention: q (B, H, T, D), k / v (B, KV, S, D), additive mask (B, 1, T, S_cache + S) ->
     (B, H, T, D). Query head i reads key/value head i // (H / KV), as SDPA's `enable_gqa`. `cache`: keys and values
-    (B, KV, S_cache, D) of earlier tokens, which come before k / v.
+    (B, KV, S_cache, D) of earlier tokens, which come before k / v. `rope`: (cos, sin) tables when q and k are not
+    rotated yet (the kernel rotates them as it loads them; other paths first).
 
     Inference in bf16 on CUDA with several queries against a cache (the denoising steps), or without a cache up to
     `SMALL_ATTENTION` scores (the prefix pass at small batch), runs the Triton kernel of `kernels.py`, which reads
@@ -166,9 +168,13 @@ def attention(
     CPU) run as two grouped matmuls around a float32 softmax."""
     b, h, t, d = q.shape
     tile = kernels.tiling_for(q, num_kv_heads) if t > 1 and not torch.is_grad_enabled() else None
+    if rope is not None and (cache is None or tile is None or d < kernels.MIN_ROPE_DIM):
+        qk = apply_rope(torch.cat([q, k], dim=1), *rope)  # in one pass (one fused kernel when compiled)
+        q, k = qk.split([h, k.shape[1]], dim=1)
+        rope = None
+    if cache is not None and tile is not None:
+        return kernels.cached_attention(q, cache[0], cache[1], mask, num_kv_heads, k, v, tile=tile, rope=rope)
     if cache is not None:
-        if tile is not None:
-            return kernels.cached_attention(q, cache[0], cache[1], mask, num_kv_heads, k, v, tile=tile)
         k = torch.cat([cache[0], k], dim=2)
         v = torch.cat([cache[1], v], dim=2)
     small = b * h * t * k.shape[2] <= SMALL_ATTENTION
@@ -204,10 +210,12 @@ class JointLayer(nn.Module):
         mask: torch.Tensor,
         conds: Sequence[torch.Tensor | None],
         kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[list[torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]:
+        return_kv: bool = True,
+    ) -> tuple[list[torch.Tensor | None], tuple[torch.Tensor, torch.Tensor] | None]:
         """hs: per-expert hidden states (B, T_i, D_i) or None; mask: additive (B, 1, T, S) where T = sum T_i and
         S = T plus the cached length; kv_cache: (K, V) of earlier tokens, already rotated, which are prepended.
-        Returns the new hidden states and this call's (K, V) (without the cache)."""
+        Returns the new hidden states and this call's rotated (K, V) (without the cache), or None if not
+        `return_kv` and there is a cache."""
         active = [h for h in hs if h is not None]
         small = kv_cache is not None and len(active) == 1 and not torch.is_grad_enabled()
         small = small and small_gemm.usable(active[0])
@@ -233,13 +241,21 @@ class JointLayer(nn.Module):
             q = apply_rope(torch.cat(qs, 1).transpose(1, 2), cos, sin)
             k = apply_rope(torch.cat(ks, 1).transpose(1, 2), cos, sin)
             v = torch.cat(vs, 1).transpose(1, 2)
-        else:
-            # one expert against a cache (the denoising steps, decoding): v stays a view of its projection, and q and
-            # k are rotated in one pass (one fused kernel when compiled, instead of three with v's copy)
+            out = attention(q, k, v, mask, self.num_kv_heads, kv_cache)
+        elif return_kv:
+            # one expert against a cache, keeping this call's keys (decoding): v stays a view of its projection, and
+            # q and k are rotated in one pass (one fused kernel when compiled, instead of three with v's copy)
             qk = apply_rope(torch.cat([qs[0], ks[0]], dim=2).transpose(1, 2), cos, sin)
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
             v = vs[0].transpose(1, 2)
-        out = attention(q, k, v, mask, self.num_kv_heads, kv_cache).transpose(1, 2).flatten(2)
+            out = attention(q, k, v, mask, self.num_kv_heads, kv_cache)
+        else:
+            # one expert against a cache (the denoising steps): q, k and v stay views of their projections, and
+            # attention rotates q and k (the Triton kernel as it loads them, no separate RoPE kernel)
+            q, k, v = qs[0].transpose(1, 2), ks[0].transpose(1, 2), vs[0].transpose(1, 2)
+            out = attention(q, k, v, mask, self.num_kv_heads, kv_cache, rope=rope)
+            k = v = None
+        out = out.transpose(1, 2).flatten(2)
 
         new_hs: list[torch.Tensor | None] = []
         start = 0
@@ -263,7 +279,7 @@ class JointLayer(nn.Module):
             h = _residual(h, expert.o_proj(o_in), gate)
             x, gate2 = expert.ffn_norm(h, cond)
             new_hs.append(_residual(h, expert.mlp(x), gate2))
-        return new_hs, (k, v)
+        return new_hs, (k, v) if k is not None else None
 
     @staticmethod
     def _fused_gemms(expert: ExpertLayer) -> bool:
@@ -363,7 +379,7 @@ class JointGemma(nn.Module):
             if self._checkpointed(i) and self.training and torch.is_grad_enabled():
                 hs, kv = torch.utils.checkpoint.checkpoint(layer, hs, rope, amask, conds, cache_i, use_reentrant=False)
             else:
-                hs, kv = layer(hs, rope, amask, conds, cache_i)
+                hs, kv = layer(hs, rope, amask, conds, cache_i, return_kv)
             if return_kv:
                 cache_out.append(kv)
         if final_norms:

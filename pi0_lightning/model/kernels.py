@@ -40,6 +40,9 @@ try:
 except ImportError:  # CPU-only installs: the matmul path is used
     triton = None
 
+MIN_ROPE_DIM = 32
+"""Smallest head dimension `cached_attention` rotates itself: its halves are the depth of a tensor-core dot (>= 16)."""
+
 MAX_PAIRS = 16
 """The kernel runs for at most this many (batch element x kv head) pairs. Measured on an H100 at PI0's shape (8
 query heads x 51 tokens, 611 keys, head_dim 256; BENCHMARKS.md), kernel vs the compiled matmul path per call: batch
@@ -93,11 +96,21 @@ def tiling(pairs: int, head_dim: int, device: torch.device, rows: int = 0) -> Ti
 if triton is not None:
 
     @triton.jit
+    def _rotated_halves(ptrs, dh, ok, cos_ptrs, sin_ptrs, HALF: tl.constexpr):
+        """Rows at `ptrs` (last dim contiguous) rotated by half-split RoPE in float32, each half rounded back."""
+        first = tl.load(ptrs + dh[None, :], mask=ok[:, None], other=0.0)
+        second = tl.load(ptrs + HALF + dh[None, :], mask=ok[:, None], other=0.0)
+        cos = tl.load(cos_ptrs, mask=ok[:, None], other=0.0)
+        sin = tl.load(sin_ptrs, mask=ok[:, None], other=0.0)
+        x1, x2 = first.to(tl.float32), second.to(tl.float32)
+        return (x1 * cos - x2 * sin).to(first.dtype), (x2 * cos + x1 * sin).to(first.dtype)
+
+    @triton.jit
     def _partial_attention(
-        Q, K, V, K2, V2, Mask, Acc, Max, Sum,
+        Q, K, V, K2, V2, Mask, Acc, Max, Sum, COS, SIN,
         T, S, S2, NSPLIT1, R, G, KV,
-        sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sk2b, sk2h, sk2s, sv2b, sv2h, sv2s, smb, smt, sms,
-        NSPLIT: tl.constexpr, SCALE: tl.constexpr,
+        sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sk2b, sk2h, sk2s, sv2b, sv2h, sv2s, smb, smt, sms, scb, sct,
+        NSPLIT: tl.constexpr, SCALE: tl.constexpr, ROPE: tl.constexpr,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
     ):  # fmt: skip
         rb = tl.program_id(0)
@@ -110,8 +123,14 @@ if triton is not None:
         g = rows // T
         t = rows % T
         d = tl.arange(0, D)
-        q_ptrs = Q + b * sqb + (h * G + g)[:, None] * sqh + t[:, None] * sqt + d[None, :]
-        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+        HALF: tl.constexpr = D // 2
+        dh = tl.arange(0, HALF)
+        q_ptrs = Q + b * sqb + (h * G + g)[:, None] * sqh + t[:, None] * sqt
+        if ROPE:  # q (and this call's k) arrive unrotated: rotate the halves as loaded, as gemma.apply_rope
+            q_table = b * scb + t[:, None] * sct + dh[None, :]
+            q_first, q_second = _rotated_halves(q_ptrs, dh, row_ok, COS + q_table, SIN + q_table, HALF)
+        else:
+            q = tl.load(q_ptrs + d[None, :], mask=row_ok[:, None], other=0.0)
 
         # the keys are two stretches, read in place (no concatenated copy): the cache, then this call's new keys
         if split < NSPLIT1:
@@ -136,8 +155,19 @@ if triton is not None:
         for n0 in range(0, CHUNK, BLOCK_N):
             keys = start + n0 + tl.arange(0, BLOCK_N)
             key_ok = keys < length
-            k = tl.load(k_base + keys[:, None] * k_step + d[None, :], mask=key_ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * SCALE  # a constexpr: a float argument was typed fp64 under inductor
+            if ROPE:
+                k_ptrs = k_base + keys[:, None] * k_step
+                if split < NSPLIT1:  # the cache holds rotated keys
+                    k_first = tl.load(k_ptrs + dh[None, :], mask=key_ok[:, None], other=0.0)
+                    k_second = tl.load(k_ptrs + HALF + dh[None, :], mask=key_ok[:, None], other=0.0)
+                else:  # this call's keys, at the same positions as its queries
+                    k_table = b * scb + keys[:, None] * sct + dh[None, :]
+                    k_first, k_second = _rotated_halves(k_ptrs, dh, key_ok, COS + k_table, SIN + k_table, HALF)
+                s = tl.dot(q_first, tl.trans(k_first))
+                s = tl.dot(q_second, tl.trans(k_second), s) * SCALE
+            else:
+                k = tl.load(k_base + keys[:, None] * k_step + d[None, :], mask=key_ok[:, None], other=0.0)
+                s = tl.dot(q, tl.trans(k)) * SCALE  # a constexpr: a float argument was typed fp64 under inductor
             bias = tl.load(
                 Mask + b * smb + t[:, None] * smt + (column + keys)[None, :] * sms,
                 mask=row_ok[:, None] & key_ok[None, :],
@@ -234,13 +264,15 @@ def cached_attention(
     k_new: torch.Tensor | None = None,
     v_new: torch.Tensor | None = None,
     tile: Tiling | None = None,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Grouped-query attention as `gemma.attention`: q (B, H, T, D), k / v (B, KV, S, D), additive mask (B, 1, T,
     S + S_new) -> (B, H, T, D) in q's dtype. `k_new` / `v_new` (B, KV, S_new, D), if given, are keys and values after
     k / v (the cache), read where they are instead of concatenated. The last dimension of every input must be
     contiguous. The output is a transposed view of a contiguous (B, T, H, D) tensor, so that the model's following
     `.transpose(1, 2).flatten(2)` costs no copy. `tile`: the tiling, by default
-    `tiling(B * KV, D, device)`."""
+    `tiling(B * KV, D, device)`. `rope`: the (cos, sin) tables (B, 1, T, D / 2) of `gemma.rope_tables` when q and
+    `k_new` are not rotated yet: the kernel rotates them as it loads them (the cache must be rotated already)."""
     b, h, t, d = q.shape
     s = k.shape[2]
     if k_new is None or v_new is None:
@@ -255,11 +287,16 @@ def cached_attention(
         raise ValueError(f"cached_attention: no tiling fits this device's shared memory at head_dim {d}")
     if any(x.stride(-1) != 1 for x in (q, k, v, k_new, v_new)):
         raise ValueError("cached_attention needs a contiguous head dimension")
+    if rope is not None and (s_new != t or d < MIN_ROPE_DIM):
+        raise ValueError(
+            f"cached_attention: RoPE needs this call's keys (one per query) and heads of >= {MIN_ROPE_DIM}"
+        )
     nsplit1 = triton.cdiv(s, tile.chunk)
     nsplit = nsplit1 + triton.cdiv(s_new, tile.chunk)
     acc = torch.empty(b * num_kv_heads * nsplit * rows * d, device=q.device, dtype=torch.float32)
     row_max = torch.empty(b * num_kv_heads * nsplit * rows, device=q.device, dtype=torch.float32)
     row_sum = torch.empty_like(row_max)
+    cos, sin = rope if rope is not None else (row_max, row_max)  # (row_max: not read)
     out = torch.empty(b, t, h, d, device=q.device, dtype=q.dtype).transpose(1, 2)
     mask = mask.expand(b, 1, t, s + s_new)
     # Triton launches on the current device: switch to q's (a model on another GPU than the current one); compiled
@@ -268,12 +305,14 @@ def cached_attention(
     with guard:
         grid = (triton.cdiv(rows, tile.block_m), nsplit, b * num_kv_heads)
         _partial_attention[grid](
-            q, k, v, k_new, v_new, mask, acc, row_max, row_sum,
+            q, k, v, k_new, v_new, mask, acc, row_max, row_sum, cos, sin,
             t, s, s_new, nsplit1, rows, group, num_kv_heads,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), k_new.stride(0), k_new.stride(1), k_new.stride(2),
             v_new.stride(0), v_new.stride(1), v_new.stride(2), mask.stride(0), mask.stride(2), mask.stride(3),
-            NSPLIT=nsplit, SCALE=d**-0.5, D=d, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, CHUNK=tile.chunk,
+            cos.stride(0), cos.stride(-2) if rope is not None else 0,
+            NSPLIT=nsplit, SCALE=d**-0.5, ROPE=rope is not None,
+            D=d, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, CHUNK=tile.chunk,
             num_warps=tile.warps, num_stages=tile.stages,
         )  # fmt: skip
         combine_m, combine_d = 16, min(64, d)  # the combine's tiling hardly matters (+-0.5 us in the sweep)

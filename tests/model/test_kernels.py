@@ -42,7 +42,23 @@ def test_kernel_matches_matmul_attention_in_the_interpreter():
                 torch.testing.assert_close(out, expected, **close)
             assert out.transpose(1, 2).is_contiguous()  # (B, T, H, D) underneath: flattening heads is free
 
+        def check_rope(kv, **shape):  # unrotated q and new keys, rotated by the kernel as it loads them
+            q, k, v, mask = _case(torch.float32, "cpu", kv=kv, **shape)
+            b, _, t, d = q.shape
+            cut = k.shape[2] - t
+            cos, sin = gemma.rope_tables(torch.arange(t).expand(b, t) + torch.arange(b)[:, None] + cut, d)
+            k_rotated = torch.cat([k[:, :, :cut], gemma.apply_rope(k[:, :, cut:], cos, sin)], 2)
+            with torch.no_grad():
+                expected = gemma.attention(gemma.apply_rope(q, cos, sin), k_rotated, v, mask, kv)
+                cache, new = (k[:, :, :cut], v[:, :, :cut]), (k[:, :, cut:], v[:, :, cut:])
+                fallback = gemma.attention(q, *new, mask, kv, cache, rope=(cos, sin))  # float32 CPU: matmul path
+            torch.testing.assert_close(fallback, expected)
+            out = kernels.cached_attention(q, *cache, mask, kv, *new, rope=(cos, sin))
+            torch.testing.assert_close(out, expected, atol=2e-6, rtol=1e-5)
+
         check(1)
+        check_rope(1)
+        check_rope(2, b=3, h=4, t=5, s=300, d=32)
         check(2, b=1, h=4, t=5, s=70, d=16)
         check(2, b=3, h=4, t=5, s=300, d=16)  # 6 batch x kv-head pairs: the large tiling
         print("ok")
@@ -101,6 +117,23 @@ def test_kernel_matches_matmul_attention_on_cuda(shape):
         compiled = torch.compile(gemma.attention, dynamic=False)(*args)
     assert out.dtype == torch.bfloat16
     # both round probabilities once to bf16 (in different places) and the output to bf16
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(compiled, out, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@needs_triton
+@needs_cuda
+def test_kernel_rotates_queries_and_new_keys_on_cuda():
+    # the denoising steps at batch 1: 51 unrotated queries and new keys after 560 rotated cached keys
+    q, k, v, mask = _case(torch.bfloat16, "cuda", b=1, t=51, s=611, d=256)
+    cos, sin = gemma.rope_tables(torch.arange(560, 611, device="cuda")[None], 256)
+    cache, new = (k[:, :, :560], v[:, :, :560]), (k[:, :, 560:], v[:, :, 560:])
+    with torch.no_grad():
+        with kernels.disabled():
+            expected = gemma.attention(q, *new, mask, 1, cache, rope=(cos, sin)).float()
+        out = gemma.attention(q, *new, mask, 1, cache, rope=(cos, sin))
+        compiled = torch.compile(gemma.attention, dynamic=False)(q, *new, mask, 1, cache, rope=(cos, sin))
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(compiled, out, atol=0, rtol=0)
 

@@ -6,9 +6,10 @@ Full-size `pi0` in bf16 with random weights, the always-masked camera left out (
 steps; three warm-up calls (with `--compile`: compilation, and the action expert's stacked projections as in
 `CUDAGraphSampler`), then one profiled call. Prints torch.profiler's table sorted by kernel time, and the number of
 kernels and their total time, then the same split into the prefix pass and the denoising steps (the latter also per
-layer step: depth x 10 of them). The split is at the first kernel only a denoising step runs (`SUFFIX_MARKERS`: the
-fused few-row GEMM or the cached-attention kernel); with both switched off, the kernels of the first layer step
-before its attention count as prefix. `--trace` keeps the call's Chrome trace (every kernel with start and duration).
+layer step: depth x 10 of them). The split is at the first fused few-row GEMM (`SUFFIX_MARKER`), which only the
+denoising steps run; with it switched off, at the first attention kernel after the prefix's `depth` ones
+(`ATTENTION_KERNEL`), so that the kernels of the first layer step before its attention count as prefix. `--trace`
+keeps the call's Chrome trace (every kernel with start and duration).
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ from pi0_lightning.model.config import PI0Config
 from pi0_lightning.model.graphs import compile_blocks
 
 STEPS = 10
-SUFFIX_MARKERS = ("_small_linear", "_partial_attention")
-"""Kernels that only the denoising steps launch: the first of them starts the suffix."""
+SUFFIX_MARKER = "_small_linear"
+"""The kernel that only the denoising steps launch: the first one starts the suffix."""
+ATTENTION_KERNEL = "_partial_attention"
+"""The attention kernel, one per layer in the prefix pass (at small batch) and in every denoising step."""
 
 Kernel = tuple[str, float, float]  # name, start (us), duration (us)
 
@@ -43,7 +46,11 @@ def kernel_timeline(trace: Path) -> list[Kernel]:
 def phase_breakdown(kernels: list[Kernel], layer_steps: int, rows: int = 8) -> str:
     """Markdown: kernel count and time of the prefix pass and of the denoising steps, and the suffix's largest
     kernels per layer step."""
-    start = next((i for i, k in enumerate(kernels) if k[0].startswith(SUFFIX_MARKERS)), len(kernels))
+    start = next((i for i, k in enumerate(kernels) if k[0].startswith(SUFFIX_MARKER)), None)
+    if start is None:
+        attention = [i for i, k in enumerate(kernels) if k[0].startswith(ATTENTION_KERNEL)]
+        depth = layer_steps // STEPS
+        start = attention[depth] if len(attention) > depth else len(kernels)
     lines = ["| phase | kernels | kernel time (ms) |", "|---|---|---|"]
     for phase, part in (("prefix", kernels[:start]), ("denoising steps", kernels[start:])):
         lines.append(f"| {phase} | {len(part)} | {sum(k[2] for k in part) / 1e3:.2f} |")

@@ -31,6 +31,15 @@ def test_phase_breakdown_splits_at_the_first_denoising_kernel(tmp_path):
     assert table.index("_small_linear") < table.index("_partial_attention") < table.index("triton_poi_fused_rope")
 
 
+def test_phase_breakdown_without_fused_gemms_splits_after_the_prefix_attention():
+    depth = 2  # layers: the prefix pass runs 2 attention kernels, every denoising step 2 more
+    names = ["gemm", "_partial_attention", "gemm", "_partial_attention", "norm", "gemm", "_partial_attention", "gemm"]
+    kernels = [(name, float(i), 1.0) for i, name in enumerate(names)]
+    table = phase_breakdown(kernels, layer_steps=depth * 10)
+    assert "| prefix | 6 | 0.01 |" in table  # up to the first denoising step's attention
+    assert "| denoising steps | 2 | 0.00 |" in table
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error")
 def test_needs_cuda():
     with pytest.raises(SystemExit, match="needs a CUDA device"):

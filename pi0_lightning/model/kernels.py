@@ -1,4 +1,5 @@
-"""A Triton kernel for the denoising steps' attention: the action tokens' queries against the cached prefix.
+"""A Triton kernel for the denoising steps' attention: the action tokens' queries against the cached prefix (and, at
+small batch, for the prefix pass itself).
 
 At batch 1 each of the 180 suffix layer steps of a `sample_actions` call attends 8 query heads x 51 tokens to one
 shared key/value head of 560 cached + 51 new tokens. As matmuls around a softmax this is a K/V concatenation and ~10
@@ -11,7 +12,9 @@ flash-decoding scheme, in two kernels:
    key/value tile once for all of them. The keys are two stretches read in place, the cache and the step's new
    keys, so nothing is concatenated. Scores are float32 (bf16 inputs, float32 accumulation, as openpi's
    `preferred_element_type=float32`), the additive mask is added in float32, and an online softmax keeps the chunk's
-   row maximum, exp-sum and unnormalised `exp(s - max) @ V` in float32.
+   row maximum, exp-sum and unnormalised `exp(s - max) @ V` in float32. In the denoising steps the queries and the
+   step's new keys arrive unrotated: the kernel applies RoPE as it loads them (each half rotated in float32 and
+   rounded back to bf16, as `gemma.apply_rope`), which saves a separate RoPE kernel per layer step.
 2. `_combine`: the chunks' partial results are rescaled to the global maximum, summed, normalised and written
    heads-last, so that flattening the heads afterwards is free.
 

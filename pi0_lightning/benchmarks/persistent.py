@@ -45,6 +45,8 @@ from pi0_lightning.model.kernels import triton
 
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 32, 128
 SPLIT = 4  # K split of the 1024-column GEMMs: 32 column tiles x 4 = 128 work items, about one per SM
+SPIN_LIMIT = 1 << 22
+"""Polls of the barrier counter (~1 us each) after which a program stops waiting and flags the run as failed."""
 
 
 @dataclass(frozen=True)
@@ -131,10 +133,14 @@ if triton is not None:
         tl.atomic_add(COUNT, 1, sem="release")
 
     @triton.jit
-    def _wait(COUNT, target):
+    def _wait(COUNT, target, SPIN_LIMIT: tl.constexpr):
         seen = tl.atomic_add(COUNT, 0, sem="acquire")
-        while seen < target:
+        polls = 0
+        while (seen < target) & (polls < SPIN_LIMIT):
             seen = tl.atomic_add(COUNT, 0, sem="acquire")
+            polls += 1
+        if seen < target:  # some program never arrived, so it was not resident: flag it rather than hang the GPU
+            tl.atomic_xchg(COUNT + 2, 1)
         tl.debug_barrier()
 
     @triton.jit
@@ -188,12 +194,12 @@ if triton is not None:
     def _persistent(
         H, QKV, OPROJ, GU, WQKV, WO, WGU, WD, COUNT, SINK, M, first_layer,
         LAYERS: tl.constexpr, WIDTH: tl.constexpr, NQKV: tl.constexpr, ATTN: tl.constexpr, MLP: tl.constexpr,
-        PREFETCH: tl.constexpr, SPLIT_K: tl.constexpr, NPROG: tl.constexpr,
+        PREFETCH: tl.constexpr, SPLIT_K: tl.constexpr, NPROG: tl.constexpr, SPIN_LIMIT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         """LAYERS layers from `first_layer` on NPROG programs, a grid barrier between consecutive GEMMs. COUNT[0]
         counts arrivals (barrier j is passed at j x NPROG), COUNT[1] exits: the last program out resets both for the
-        next launch, once every program has passed every barrier."""
+        next launch, once every program has passed every barrier. COUNT[2] is set if a barrier gave up waiting."""
         pid = tl.program_id(0)
         for step in range(0, 4 * LAYERS):
             layer = first_layer + step // 4
@@ -203,7 +209,7 @@ if triton is not None:
                 if PREFETCH:
                     _prefetch(i, layer, WQKV, WO, WGU, WD, pid, SINK, WIDTH, NQKV, ATTN, MLP, SPLIT_K, NPROG,
                               BLOCK_N, BLOCK_K)  # fmt: skip
-                _wait(COUNT, step * NPROG)
+                _wait(COUNT, step * NPROG, SPIN_LIMIT)
             _phase(i, layer, H, QKV, OPROJ, GU, WQKV, WO, WGU, WD, pid, M, WIDTH, NQKV, ATTN, MLP, SPLIT_K, NPROG,
                    BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
         if tl.atomic_add(COUNT + 1, 1, sem="acq_rel") == NPROG - 1:
@@ -236,7 +242,7 @@ class LayerChain:
         self.qkv = torch.empty(rows, s.qkv, device=device, dtype=dtype)
         self.o = torch.zeros(BLOCK_M, s.width, device=device)
         self.gu = torch.empty(rows, 2 * s.mlp, device=device, dtype=dtype)
-        self.count = torch.zeros(2, device=device, dtype=torch.int32)
+        self.count = torch.zeros(3, device=device, dtype=torch.int32)  # arrivals, exits, barrier-failed flag
         self.sink = torch.zeros(1, device=device)
         self.programs = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
@@ -258,6 +264,15 @@ class LayerChain:
         return dict(WIDTH=s.width, NQKV=s.qkv, ATTN=s.attn, MLP=s.mlp, SPLIT_K=SPLIT, NPROG=programs,
                     BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=3)  # fmt: skip
 
+    def check(self) -> None:
+        """Raise if a grid barrier of the persistent kernel gave up waiting since the last check."""
+        if self.count[2].item():
+            self.count.zero_()
+            raise RuntimeError(
+                f"persistent: a grid barrier timed out: not all {self.programs} programs were resident at once "
+                "(another process on the GPU?); the timings and outputs of this run are void"
+            )
+
     @property
     def output(self) -> torch.Tensor:
         """The last layer's output (rows, width) float32."""
@@ -276,14 +291,21 @@ class LayerChain:
                 for i, programs in enumerate(items):
                     _one_gemm[(programs,)](*self._args(), self.rows, layer, GEMM=i, **self._constants(programs))
         elif variant.startswith("persistent"):
-            prefetch = variant.endswith("prefetch")
             per_layer = variant == "persistent-layer"
-            spans = [(layer, 1) for layer in range(self.layers)] if per_layer else [(0, self.layers)]
-            for first, count in spans:
-                _persistent[(self.programs,)](*self._args(), self.count, self.sink, self.rows, first, LAYERS=count,
-                                              PREFETCH=prefetch, **self._constants(self.programs))  # fmt: skip
+            for first, count in [(layer, 1) for layer in range(self.layers)] if per_layer else [(0, self.layers)]:
+                self.launch_persistent(first, count, prefetch=variant.endswith("prefetch"))
         else:
             raise ValueError(f"persistent: unknown variant {variant!r}")
+
+    def launch_persistent(
+        self, first: int, layers: int, prefetch: bool = False, grid: int | None = None, spin_limit: int = SPIN_LIMIT
+    ) -> None:
+        """One persistent kernel over `layers` layers from `first`, for `self.programs` programs. `grid` launches
+        fewer than that (tests: a barrier that waits for programs that never come gives up after `spin_limit`
+        polls and flags it for `check`)."""
+        constants = self._constants(self.programs)
+        _persistent[(grid or self.programs,)](*self._args(), self.count, self.sink, self.rows, first, LAYERS=layers,
+                                              PREFETCH=prefetch, SPIN_LIMIT=spin_limit, **constants)  # fmt: skip
 
 
 VARIANTS = ("launches", "persistent-layer", "persistent-all", "persistent-all-prefetch")
@@ -339,10 +361,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                 chain.run(variant)
 
             one_pass()
-            torch.cuda.synchronize()
+            chain.check()
             diff = (chain.output - reference).abs().max().item()
             kernels = {"launches": 4.0, "persistent-layer": 1.0}.get(variant, 1 / args.layers)
         per_pass = graph_time_us(lambda i, f=one_pass: f(), calls=args.passes)
+        chain.check()
         us = per_pass / args.layers
         r = dict(variant=variant, kernels=kernels, us_per_layer_step=us, gbps=mbytes / us * 1e3,
                  ms_per_180=us * 0.18, max_abs_diff=diff)  # fmt: skip

@@ -57,10 +57,15 @@ class Shapes:
     mlp: int = 4096
 
     @property
+    def gemms(self) -> list[tuple[int, int, int]]:
+        """(N, K, K split) of q/k/v, o, gate/up and down, in chain order (the kernel's `_phase` in constexprs)."""
+        w = self.width
+        return [(self.qkv, w, 1), (w, self.attn, SPLIT), (2 * self.mlp, w, 1), (w, self.mlp, SPLIT)]
+
+    @property
     def weight_bytes(self) -> int:
         """bf16 weight bytes of one layer step's four GEMMs."""
-        w = self.width
-        return 2 * (self.qkv * w + w * self.attn + 2 * self.mlp * w + w * self.mlp)
+        return 2 * sum(n * k for n, k, _ in self.gemms)
 
 
 if triton is not None:
@@ -77,42 +82,20 @@ if triton is not None:
 
     @triton.jit
     def _gemm_phase(
-        X, W, Y, Z, pid, M,
+        X, W, Y, Z, SINK, pid, M,
         N: tl.constexpr, K: tl.constexpr, SX: tl.constexpr, SPLIT_K: tl.constexpr, Z_SIZE: tl.constexpr,
         NPROG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        PREFETCH_ONLY: tl.constexpr,
     ):  # fmt: skip
         """Y = X[:, :K] @ W.T for this program's work items (column tile x K part): stored in Y's dtype, or with
-        SPLIT_K > 1 added atomically in float32 to a zeroed Y. Zeroes its share of Z (a later GEMM's output) too."""
-        if Z_SIZE > 0:
+        SPLIT_K > 1 added atomically in float32 to a zeroed Y. Zeroes its share of Z (a later GEMM's output) too.
+        PREFETCH_ONLY: only read the items' weight tiles once (into L2, for the GEMM to come); a sum that nobody
+        reads keeps the loads."""
+        if Z_SIZE > 0 and not PREFETCH_ONLY:
             _zero_slice(Z, pid, NPROG, Z_SIZE)
         rm = tl.arange(0, BLOCK_M)
         rk = tl.arange(0, BLOCK_K)
         row_ok = rm < M
-        PART: tl.constexpr = K // SPLIT_K
-        ITEMS: tl.constexpr = N // BLOCK_N * SPLIT_K
-        for r in range(0, (ITEMS + NPROG - 1) // NPROG):
-            item = pid + r * NPROG
-            if item < ITEMS:
-                rn = (item // SPLIT_K) * BLOCK_N + tl.arange(0, BLOCK_N)
-                k_start = (item % SPLIT_K) * PART
-                acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-                for kk in range(0, PART, BLOCK_K):
-                    k = k_start + kk + rk
-                    # activations via L2 (.cg): other SMs wrote them since this SM last read the buffer
-                    x_ptrs = X + rm[:, None] * SX + k[None, :]
-                    x = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
-                    w = tl.load(W + rn[:, None] * K + k[None, :])
-                    acc = tl.dot(x.to(w.dtype), tl.trans(w), acc)
-                out = Y + rm[:, None] * N + rn[None, :]
-                if SPLIT_K > 1:
-                    tl.atomic_add(out, acc, mask=row_ok[:, None], sem="relaxed")
-                else:
-                    tl.store(out, acc.to(Y.dtype.element_ty), mask=row_ok[:, None])
-
-    @triton.jit
-    def _prefetch_phase(W, pid, SINK, N: tl.constexpr, K: tl.constexpr, SPLIT_K: tl.constexpr, NPROG: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-        """Read this program's weight tiles of the next GEMM once (into L2); a sum no one reads keeps the loads."""
         PART: tl.constexpr = K // SPLIT_K
         ITEMS: tl.constexpr = N // BLOCK_N * SPLIT_K
         total = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
@@ -121,11 +104,27 @@ if triton is not None:
             if item < ITEMS:
                 rn = (item // SPLIT_K) * BLOCK_N + tl.arange(0, BLOCK_N)
                 k_start = (item % SPLIT_K) * PART
+                acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
                 for kk in range(0, PART, BLOCK_K):
-                    k = k_start + kk + tl.arange(0, BLOCK_K)
-                    total += tl.load(W + rn[:, None] * K + k[None, :], eviction_policy="evict_last").to(tl.float32)
-        if tl.sum(tl.sum(total, 1), 0) == 1.2345e30:  # never true: the sum only has to exist
-            tl.store(SINK, 1.0)
+                    k = k_start + kk + rk
+                    w_ptrs = W + rn[:, None] * K + k[None, :]
+                    if PREFETCH_ONLY:
+                        total += tl.load(w_ptrs, eviction_policy="evict_last").to(tl.float32)
+                    else:
+                        # activations via L2 (.cg): other SMs wrote them since this SM last read the buffer
+                        x_ptrs = X + rm[:, None] * SX + k[None, :]
+                        x = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+                        w = tl.load(w_ptrs)
+                        acc = tl.dot(x.to(w.dtype), tl.trans(w), acc)
+                if not PREFETCH_ONLY:
+                    out = Y + rm[:, None] * N + rn[None, :]
+                    if SPLIT_K > 1:
+                        tl.atomic_add(out, acc, mask=row_ok[:, None], sem="relaxed")
+                    else:
+                        tl.store(out, acc.to(Y.dtype.element_ty), mask=row_ok[:, None])
+        if PREFETCH_ONLY:  # noqa: SIM102 (a constexpr branch: the sum below only exists in prefetch mode)
+            if tl.sum(tl.sum(total, 1), 0) == 1.2345e30:  # never true: the sum only has to exist
+                tl.store(SINK, 1.0)
 
     @triton.jit
     def _arrive(COUNT):
@@ -145,54 +144,41 @@ if triton is not None:
 
     @triton.jit
     def _phase(
-        i, layer, H, QKV, OPROJ, GU, WQKV, WO, WGU, WD, pid, M,
+        i, layer, H, QKV, OPROJ, GU, WQKV, WO, WGU, WD, SINK, pid, M,
         WIDTH: tl.constexpr, NQKV: tl.constexpr, ATTN: tl.constexpr, MLP: tl.constexpr, SPLIT_K: tl.constexpr,
         NPROG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        PREFETCH_ONLY: tl.constexpr,
     ):  # fmt: skip
-        """GEMM i (0 q/k/v, 1 o, 2 gate/up, 3 down) of `layer`. H and OPROJ (BLOCK_M x WIDTH float32) are split-K
-        outputs: q/k/v zeroes OPROJ before o adds into it, gate/up zeroes H (read by q/k/v) before down adds to it."""
+        """GEMM i (0 q/k/v, 1 o, 2 gate/up, 3 down) of `layer` (`Shapes.gemms` on the host). H and OPROJ (BLOCK_M x
+        WIDTH float32) are split-K outputs: q/k/v zeroes OPROJ before o adds into it, gate/up zeroes H (read by
+        q/k/v) before down adds to it. PREFETCH_ONLY: read the GEMM's weight tiles into L2, nothing else."""
         ZERO: tl.constexpr = BLOCK_M * WIDTH
         if i == 0:
-            _gemm_phase(H, WQKV + layer * NQKV * WIDTH, QKV, OPROJ, pid, M, NQKV, WIDTH, WIDTH, 1, ZERO, NPROG,
-                        BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+            _gemm_phase(H, WQKV + layer * NQKV * WIDTH, QKV, OPROJ, SINK, pid, M, NQKV, WIDTH, WIDTH, 1, ZERO, NPROG,
+                        BLOCK_M, BLOCK_N, BLOCK_K, PREFETCH_ONLY)  # fmt: skip
         elif i == 1:
-            _gemm_phase(QKV, WO + layer * WIDTH * ATTN, OPROJ, OPROJ, pid, M, WIDTH, ATTN, NQKV, SPLIT_K, 0, NPROG,
-                        BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+            _gemm_phase(QKV, WO + layer * WIDTH * ATTN, OPROJ, OPROJ, SINK, pid, M, WIDTH, ATTN, NQKV, SPLIT_K, 0,
+                        NPROG, BLOCK_M, BLOCK_N, BLOCK_K, PREFETCH_ONLY)  # fmt: skip
         elif i == 2:
-            _gemm_phase(OPROJ, WGU + layer * 2 * MLP * WIDTH, GU, H, pid, M, 2 * MLP, WIDTH, WIDTH, 1, ZERO, NPROG,
-                        BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+            _gemm_phase(OPROJ, WGU + layer * 2 * MLP * WIDTH, GU, H, SINK, pid, M, 2 * MLP, WIDTH, WIDTH, 1, ZERO,
+                        NPROG, BLOCK_M, BLOCK_N, BLOCK_K, PREFETCH_ONLY)  # fmt: skip
         else:
-            _gemm_phase(GU, WD + layer * WIDTH * MLP, H, H, pid, M, WIDTH, MLP, 2 * MLP, SPLIT_K, 0, NPROG,
-                        BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
-
-    @triton.jit
-    def _prefetch(
-        i, layer, WQKV, WO, WGU, WD, pid, SINK,
-        WIDTH: tl.constexpr, NQKV: tl.constexpr, ATTN: tl.constexpr, MLP: tl.constexpr, SPLIT_K: tl.constexpr,
-        NPROG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):  # fmt: skip
-        if i == 0:
-            _prefetch_phase(WQKV + layer * NQKV * WIDTH, pid, SINK, NQKV, WIDTH, 1, NPROG, BLOCK_N, BLOCK_K)
-        elif i == 1:
-            _prefetch_phase(WO + layer * WIDTH * ATTN, pid, SINK, WIDTH, ATTN, SPLIT_K, NPROG, BLOCK_N, BLOCK_K)
-        elif i == 2:
-            _prefetch_phase(WGU + layer * 2 * MLP * WIDTH, pid, SINK, 2 * MLP, WIDTH, 1, NPROG, BLOCK_N, BLOCK_K)
-        else:
-            _prefetch_phase(WD + layer * WIDTH * MLP, pid, SINK, WIDTH, MLP, SPLIT_K, NPROG, BLOCK_N, BLOCK_K)
+            _gemm_phase(GU, WD + layer * WIDTH * MLP, H, H, SINK, pid, M, WIDTH, MLP, 2 * MLP, SPLIT_K, 0, NPROG,
+                        BLOCK_M, BLOCK_N, BLOCK_K, PREFETCH_ONLY)  # fmt: skip
 
     @triton.jit
     def _one_gemm(
-        H, QKV, OPROJ, GU, WQKV, WO, WGU, WD, M, layer,
+        H, QKV, OPROJ, GU, WQKV, WO, WGU, WD, SINK, M, layer,
         GEMM: tl.constexpr, WIDTH: tl.constexpr, NQKV: tl.constexpr, ATTN: tl.constexpr, MLP: tl.constexpr,
         SPLIT_K: tl.constexpr, NPROG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):  # fmt: skip
-        _phase(GEMM, layer, H, QKV, OPROJ, GU, WQKV, WO, WGU, WD, tl.program_id(0), M,
-               WIDTH, NQKV, ATTN, MLP, SPLIT_K, NPROG, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+        _phase(GEMM, layer, H, QKV, OPROJ, GU, WQKV, WO, WGU, WD, SINK, tl.program_id(0), M,
+               WIDTH, NQKV, ATTN, MLP, SPLIT_K, NPROG, BLOCK_M, BLOCK_N, BLOCK_K, False)  # fmt: skip
 
     @triton.jit
     def _persistent(
-        H, QKV, OPROJ, GU, WQKV, WO, WGU, WD, COUNT, SINK, M, first_layer,
+        H, QKV, OPROJ, GU, WQKV, WO, WGU, WD, SINK, COUNT, M, first_layer,
         LAYERS: tl.constexpr, WIDTH: tl.constexpr, NQKV: tl.constexpr, ATTN: tl.constexpr, MLP: tl.constexpr,
         PREFETCH: tl.constexpr, SPLIT_K: tl.constexpr, NPROG: tl.constexpr, SPIN_LIMIT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -207,11 +193,11 @@ if triton is not None:
             if step > 0:
                 _arrive(COUNT)
                 if PREFETCH:
-                    _prefetch(i, layer, WQKV, WO, WGU, WD, pid, SINK, WIDTH, NQKV, ATTN, MLP, SPLIT_K, NPROG,
-                              BLOCK_N, BLOCK_K)  # fmt: skip
+                    _phase(i, layer, H, QKV, OPROJ, GU, WQKV, WO, WGU, WD, SINK, pid, M, WIDTH, NQKV, ATTN, MLP,
+                           SPLIT_K, NPROG, BLOCK_M, BLOCK_N, BLOCK_K, True)  # fmt: skip
                 _wait(COUNT, step * NPROG, SPIN_LIMIT)
-            _phase(i, layer, H, QKV, OPROJ, GU, WQKV, WO, WGU, WD, pid, M, WIDTH, NQKV, ATTN, MLP, SPLIT_K, NPROG,
-                   BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+            _phase(i, layer, H, QKV, OPROJ, GU, WQKV, WO, WGU, WD, SINK, pid, M, WIDTH, NQKV, ATTN, MLP, SPLIT_K,
+                   NPROG, BLOCK_M, BLOCK_N, BLOCK_K, False)  # fmt: skip
         if tl.atomic_add(COUNT + 1, 1, sem="acq_rel") == NPROG - 1:
             tl.atomic_xchg(COUNT, 0)
             tl.atomic_xchg(COUNT + 1, 0)
@@ -257,7 +243,7 @@ class LayerChain:
         return h
 
     def _args(self) -> tuple:
-        return (self.h, self.qkv, self.o, self.gu, self.wqkv, self.wo, self.wgu, self.wd)
+        return (self.h, self.qkv, self.o, self.gu, self.wqkv, self.wo, self.wgu, self.wd, self.sink)
 
     def _constants(self, programs: int) -> dict[str, int]:
         s = self.shapes
@@ -285,8 +271,7 @@ class LayerChain:
     def run(self, variant: str) -> None:
         s = self.shapes
         if variant == "launches":
-            items = [triton.cdiv(n, BLOCK_N) * split for n, split in ((s.qkv, 1), (s.width, SPLIT), (2 * s.mlp, 1),
-                                                                      (s.width, SPLIT))]  # fmt: skip
+            items = [triton.cdiv(n, BLOCK_N) * split for n, _, split in s.gemms]
             for layer in range(self.layers):
                 for i, programs in enumerate(items):
                     _one_gemm[(programs,)](*self._args(), self.rows, layer, GEMM=i, **self._constants(programs))
@@ -304,7 +289,7 @@ class LayerChain:
         fewer than that (tests: a barrier that waits for programs that never come gives up after `spin_limit`
         polls and flags it for `check`)."""
         constants = self._constants(self.programs)
-        _persistent[(grid or self.programs,)](*self._args(), self.count, self.sink, self.rows, first, LAYERS=layers,
+        _persistent[(grid or self.programs,)](*self._args(), self.count, self.rows, first, LAYERS=layers,
                                               PREFETCH=prefetch, SPIN_LIMIT=spin_limit, **constants)  # fmt: skip
 
 

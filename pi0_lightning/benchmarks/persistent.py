@@ -33,6 +33,7 @@ test does this); on a GPU they take the SM count.
 from __future__ import annotations
 
 import argparse
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,12 +133,21 @@ if triton is not None:
         tl.atomic_add(COUNT, 1, sem="release")
 
     @triton.jit
-    def _wait(COUNT, target, SPIN_LIMIT: tl.constexpr):
-        seen = tl.atomic_add(COUNT, 0, sem="acquire")
+    def _poll(COUNT, POLL_LOADS: tl.constexpr):
+        return tl.load(COUNT, volatile=True) if POLL_LOADS else tl.atomic_add(COUNT, 0, sem="acquire")
+
+    @triton.jit
+    def _wait(COUNT, target, SPIN_LIMIT: tl.constexpr, POLL_LOADS: tl.constexpr):
+        """Spin until COUNT reaches target. POLL_LOADS: poll with plain (volatile) loads and take one acquiring
+        atomic at the end, so that waiting programs do not queue read-modify-writes on the counter's L2 line ahead of
+        the arrivals; else every poll is an acquiring atomic."""
+        seen = _poll(COUNT, POLL_LOADS)
         polls = 0
         while (seen < target) & (polls < SPIN_LIMIT):
-            seen = tl.atomic_add(COUNT, 0, sem="acquire")
+            seen = _poll(COUNT, POLL_LOADS)
             polls += 1
+        if POLL_LOADS:
+            seen = tl.atomic_add(COUNT, 0, sem="acquire")  # orders this program's later loads after the arrivals
         if seen < target:  # some program never arrived, so it was not resident: flag it rather than hang the GPU
             tl.atomic_xchg(COUNT + 2, 1)
         tl.debug_barrier()
@@ -181,7 +191,7 @@ if triton is not None:
         H, QKV, OPROJ, GU, WQKV, WO, WGU, WD, SINK, COUNT, M, first_layer,
         LAYERS: tl.constexpr, WIDTH: tl.constexpr, NQKV: tl.constexpr, ATTN: tl.constexpr, MLP: tl.constexpr,
         PREFETCH: tl.constexpr, SPLIT_K: tl.constexpr, NPROG: tl.constexpr, SPIN_LIMIT: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        POLL_LOADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         """LAYERS layers from `first_layer` on NPROG programs, a grid barrier between consecutive GEMMs. COUNT[0]
         counts arrivals (barrier j is passed at j x NPROG), COUNT[1] exits: the last program out resets both for the
@@ -195,7 +205,7 @@ if triton is not None:
                 if PREFETCH:
                     _phase(i, layer, H, QKV, OPROJ, GU, WQKV, WO, WGU, WD, SINK, pid, M, WIDTH, NQKV, ATTN, MLP,
                            SPLIT_K, NPROG, BLOCK_M, BLOCK_N, BLOCK_K, True)  # fmt: skip
-                _wait(COUNT, step * NPROG, SPIN_LIMIT)
+                _wait(COUNT, step * NPROG, SPIN_LIMIT, POLL_LOADS)
             _phase(i, layer, H, QKV, OPROJ, GU, WQKV, WO, WGU, WD, SINK, pid, M, WIDTH, NQKV, ATTN, MLP, SPLIT_K,
                    NPROG, BLOCK_M, BLOCK_N, BLOCK_K, False)  # fmt: skip
         if tl.atomic_add(COUNT + 1, 1, sem="acq_rel") == NPROG - 1:
@@ -230,7 +240,15 @@ class LayerChain:
         self.gu = torch.empty(rows, 2 * s.mlp, device=device, dtype=dtype)
         self.count = torch.zeros(3, device=device, dtype=torch.int32)  # arrivals, exits, barrier-failed flag
         self.sink = torch.zeros(1, device=device)
-        self.programs = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        self.sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        self.per_sm = 1
+        """Persistent programs per SM: more keep more loads in flight; all must still be resident at once."""
+        self.poll_loads = False
+        """Barrier polls as plain loads (else acquiring atomics), `_wait`."""
+
+    @property
+    def programs(self) -> int:
+        return self.sms * self.per_sm
 
     def reference(self) -> torch.Tensor:
         """The chain in torch, float32 accumulation, rounded where the kernels round (q/k/v and gate/up outputs)."""
@@ -290,7 +308,8 @@ class LayerChain:
         polls and flags it for `check`)."""
         constants = self._constants(self.programs)
         _persistent[(grid or self.programs,)](*self._args(), self.count, self.rows, first, LAYERS=layers,
-                                              PREFETCH=prefetch, SPIN_LIMIT=spin_limit, **constants)  # fmt: skip
+                                              PREFETCH=prefetch, SPIN_LIMIT=spin_limit, POLL_LOADS=self.poll_loads,
+                                              **constants)  # fmt: skip
 
 
 VARIANTS = ("launches", "persistent-layer", "persistent-all", "persistent-all-prefetch")
@@ -322,6 +341,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--layers", type=int, default=18)
     p.add_argument("--passes", type=int, default=10, help="passes over the layers per timed graph (Euler steps)")
     p.add_argument("--variants", nargs="+", default=[*VARIANTS, "small_gemm"], choices=[*VARIANTS, "small_gemm"])
+    p.add_argument("--per-sm", nargs="+", type=int, default=[1, 2], help="persistent programs per SM, each timed")
+    p.add_argument("--poll", nargs="+", default=["atomic", "load"], choices=["atomic", "load"],
+                   help="barrier polls: acquiring atomics, or plain loads then one atomic (each timed)")  # fmt: skip
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available() or triton is None:
@@ -330,13 +352,19 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     chain = LayerChain(Shapes(), args.layers, args.rows, device, torch.bfloat16)
     reference = chain.reference()
     mbytes = chain.shapes.weight_bytes / 1e6
-    print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, {chain.programs} SMs, "
+    print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, {chain.sms} SMs, "
           f"{args.rows} rows, {args.layers} layers, {mbytes:.1f} MB of weights per layer step")  # fmt: skip
-    print("\n| variant | kernels per layer step | us per layer step | weight GB/s | x 180 layer steps (ms) | "
-          "max abs diff vs torch |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
-    rows = []
+    print("\n| variant | programs per SM | barrier polls | kernels per layer step | us per layer step | weight GB/s | "
+          "x 180 layer steps (ms) | max abs diff vs torch |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    runs = []
     for variant in args.variants:
+        persistent = variant.startswith("persistent")
+        for per_sm, poll in itertools.product(args.per_sm, args.poll) if persistent else [(None, None)]:
+            runs.append((variant, per_sm, poll))
+    rows = []
+    for variant, per_sm, poll in runs:
+        chain.per_sm, chain.poll_loads = per_sm or 1, poll == "load"
         if variant == "small_gemm":
             one_pass, kernels, diff = small_gemm_pass(chain), 4.0, float("nan")
         else:
@@ -345,18 +373,23 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                 chain.reset()
                 chain.run(variant)
 
-            one_pass()
-            chain.check()
-            diff = (chain.output - reference).abs().max().item()
             kernels = {"launches": 4.0, "persistent-layer": 1.0}.get(variant, 1 / args.layers)
-        per_pass = graph_time_us(lambda i, f=one_pass: f(), calls=args.passes)
-        chain.check()
+        label = f"| {variant} | {per_sm or '-'} | {poll or '-'} | {kernels:.3g} |"
+        try:
+            if variant != "small_gemm":
+                one_pass()
+                chain.check()
+                diff = (chain.output - reference).abs().max().item()
+            per_pass = graph_time_us(lambda i, f=one_pass: f(), calls=args.passes)
+            chain.check()
+        except RuntimeError as e:  # a barrier gave up: not every program was resident
+            print(f"{label} failed: {e} | | | |", flush=True)
+            continue
         us = per_pass / args.layers
-        r = dict(variant=variant, kernels=kernels, us_per_layer_step=us, gbps=mbytes / us * 1e3,
-                 ms_per_180=us * 0.18, max_abs_diff=diff)  # fmt: skip
+        r = dict(variant=variant, per_sm=per_sm, poll=poll, kernels=kernels, us_per_layer_step=us,
+                 gbps=mbytes / us * 1e3, ms_per_180=us * 0.18, max_abs_diff=diff)  # fmt: skip
         rows.append(r)
-        print(f"| {variant} | {kernels:.3g} | {us:.2f} | {r['gbps']:.0f} | {r['ms_per_180']:.2f} | {diff:.1e} |",
-              flush=True)  # fmt: skip
+        print(f"{label} {us:.2f} | {r['gbps']:.0f} | {r['ms_per_180']:.2f} | {diff:.1e} |", flush=True)
     write_json(args.out, rows)
     return rows
 

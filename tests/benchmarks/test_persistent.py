@@ -13,8 +13,9 @@ CHAIN_SCRIPT = """
 import torch
 from pi0_lightning.benchmarks import persistent
 shapes = persistent.Shapes(width=128, qkv=640, attn=512, mlp=512)
-for variant in persistent.VARIANTS:
+for variant, poll_loads in [(v, False) for v in persistent.VARIANTS] + [("persistent-all", True)]:
     chain = persistent.LayerChain(shapes, layers=2, rows=51, device=torch.device("cpu"), dtype=torch.float32)
+    chain.poll_loads = poll_loads  # barrier polls as plain loads, then one acquiring atomic
     for _ in range(2):  # twice: the split-K outputs are zeroed by the chain and the barrier counters reset
         chain.reset()
         chain.run(variant)
@@ -22,7 +23,7 @@ for variant in persistent.VARIANTS:
     assert chain.count.abs().sum().item() == 0, (variant, chain.count)
 # a barrier waiting for a program that is not resident (here: never launched) gives up and flags the run
 chain = persistent.LayerChain(shapes, layers=1, rows=51, device=torch.device("cpu"), dtype=torch.float32)
-chain.programs = 2
+chain.per_sm = 2  # two programs expected, one launched
 chain.launch_persistent(0, 1, grid=1, spin_limit=5)
 try:
     chain.check()
@@ -65,10 +66,14 @@ def test_needs_cuda():
 @needs_triton
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_every_variant_on_cuda(capsys):
-    """On a GPU the persistent variants run one program per SM: the grid barrier orders the chain (bf16)."""
-    rows = main(["--layers", "2", "--passes", "2"])
-    assert [r["variant"] for r in rows] == ["launches", "persistent-layer", "persistent-all",
-                                            "persistent-all-prefetch", "small_gemm"]  # fmt: skip
+    """On a GPU the persistent variants run one or two programs per SM: the grid barrier orders the chain (bf16)."""
+    rows = main(["--layers", "2", "--passes", "2", "--per-sm", "1", "2"])
+    persistent = ["persistent-layer", "persistent-all", "persistent-all-prefetch"]
+    expected = [("launches", None, None)] + [
+        (v, per_sm, poll) for v in persistent for per_sm in (1, 2) for poll in ("atomic", "load")
+    ]
+    assert [(r["variant"], r["per_sm"], r["poll"]) for r in rows[:-1]] == expected
+    assert rows[-1]["variant"] == "small_gemm"
     for r in rows[:-1]:
         assert r["max_abs_diff"] < 0.1 and r["us_per_layer_step"] > 0, r
-    assert "| variant | kernels per layer step |" in capsys.readouterr().out
+    assert "| variant | programs per SM | barrier polls |" in capsys.readouterr().out

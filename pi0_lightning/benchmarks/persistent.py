@@ -1,8 +1,13 @@
 """Is a persistent denoising-layer kernel worth building? The action expert's four GEMMs of a batch-1 layer step,
-chained, as separate kernel launches against one persistent kernel that keeps one program per SM and waits at a
-grid barrier between them.
+chained, as separate kernel launches against one persistent kernel that keeps one or more programs per SM and waits
+at a grid barrier between them.
 
-    python -m pi0_lightning.benchmarks.persistent [--rows 51] [--layers 18] [--out persistent.json]
+    python -m pi0_lightning.benchmarks.persistent [--rows 51] [--layers 18] [--per-sm 1 2] [--out persistent.json]
+
+Answer on an H100 (BENCHMARKS.md, session 8): no, not with this barrier. Four launches took 29.3-29.4 us per layer
+step, one kernel per layer with three barriers 39.2-41.5 us (one or two programs per SM, atomic or load polls), one
+kernel for all layers 39.8-41.5 us, and the L2 prefetch while waiting 91.1 us. Three programs per SM are not all
+resident: the barrier gave up and the row failed, the GPU did not hang.
 
 Why: after sessions 4-6 a batch-1 layer step costs ~45 us (fused GEMMs 33.4, attention 7.7 + combine 3.7) against
 ~11 us to read its 34.6 MB of weights once, and each kernel costs 4-6 us more than its bytes (BENCHMARKS.md). A

@@ -3,6 +3,11 @@ against a plain tiled Triton GEMM over a sweep of tilings, split K included. Is 
 
     python -m pi0_lightning.benchmarks.prefix_gemm [--rows 512] [--quick] [--out prefix_gemm.json]
 
+Answer on an H100 (BENCHMARKS.md, session 8): no. cuBLAS beat the best tiling of the quick sweep on every op (q, k,
+v or o 5.65 against 7.40 us; fc1 10.76 against 15.48; fc2 18.03 against 21.62), and the 1152-column GEMMs run at
+5.65 us, not the 8.4 us the session-6 profile suggested. Stacking q/k/v (9.48 us against 3 x 5.65) is the only gain
+it shows; session 5 measured that stacked path in the model and it was not faster end to end.
+
 Why: session 6's kernel profile put SigLIP's 1152-wide GEMMs at ~160 TFLOP/s. At 512 rows a 128 x 128 output tile
 grid of a 1152-column GEMM has 36 tiles for 132 SMs, and fc1's 4304 columns make 136 tiles, four more than one wave.
 Smaller tiles or a K split fill the GPU; this measures how much that is worth before anything goes into the model.

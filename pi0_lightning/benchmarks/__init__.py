@@ -17,6 +17,15 @@ def write_json(path: Path | None, results: Any) -> None:
         path.write_text(json.dumps(results, indent=2) + "\n")
 
 
+COPIES = 8
+"""Weight copies a timed GEMM graph rotates over: more than the L2 cache holds, so weights come from memory."""
+
+
+def rotating(fn: Callable, weights: list[torch.Tensor]) -> Callable[[int], object]:
+    """Call i of a timed graph uses weight copy i mod COPIES."""
+    return lambda i: fn(weights[i % COPIES])
+
+
 def graph_time_us(fn: Callable[[int], object], calls: int = 40, replays: int = 15) -> float:
     """Median time per call in us of `fn(i)`, i = 0..calls-1, captured as one CUDA graph."""
     side = torch.cuda.Stream()

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,10 +30,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pi0_lightning.benchmarks import graph_time_us, write_json
+from pi0_lightning.benchmarks import COPIES, graph_time_us, rotating, write_json
 from pi0_lightning.model.kernels import triton
 
-COPIES = 8
 OPS = {  # name: (K, N, calls per SigLIP layer)
     "q, k, v or o": (1152, 1152, 4),
     "q/k/v stacked": (1152, 3456, 0),
@@ -114,10 +113,6 @@ def tiles(m: int, n: int, k: int, sms: int, quick: bool) -> list[Tile]:
             continue
         found.append(Tile(bm, bn, bk, split, warps, stages))
     return found
-
-
-def rotating(fn: Callable, weights: list[torch.Tensor]) -> Callable[[int], object]:
-    return lambda i: fn(weights[i % COPIES])
 
 
 def bench_op(name: str, k: int, n: int, rows: int, quick: bool, device: torch.device) -> dict[str, Any]:

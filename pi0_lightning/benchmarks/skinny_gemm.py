@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import argparse
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from pi0_lightning.benchmarks import graph_time_us, write_json
+from pi0_lightning.benchmarks import COPIES, graph_time_us, rotating, write_json
 from pi0_lightning.model import small_gemm
 
-COPIES = 8
 OPS = {  # name: (K, N, RMSNorm before, GeGLU after; else the residual add after)
     "q/k/v (norm before)": (1024, 2560, True, False),
     "o (+ residual)": (2048, 1024, False, False),
@@ -56,11 +55,6 @@ def tilings(n: int, k: int, quick: bool) -> list[small_gemm.Tiling]:
             continue
         found.append(small_gemm.Tiling(block_n, block_k, split, warps, stages))
     return found
-
-
-def rotating(fn: Callable, weights: list[torch.Tensor]) -> Callable[[int], object]:
-    """Call i of a timed graph uses weight copy i mod COPIES."""
-    return lambda i: fn(weights[i % COPIES])
 
 
 def bench_op(

@@ -13,7 +13,12 @@ the machine:
 - `matmul-prefix`: the prefix pass's attention on the float32 matmul path instead of the Triton kernel;
 - `sdpa-prefix`: the prefix pass's attention on SDPA;
 - `unfolded-qkv` / `unfolded`: the RMSNorm before q/k/v (and before gate/up) as a separate kernel instead of folded
-  into the few-row GEMMs.
+  into the few-row GEMMs;
+- `full-prefix`: the prefix pass runs its last layer whole (attention, o_proj, MLP) and the final norm, whose
+  outputs nothing reads, instead of stopping after that layer's keys and values (`JointGemma.forward`'s
+  `cache_only`).
+
+A variant may be named more than once (`default full-prefix default full-prefix`) for alternating A/B rows.
 
 Only APIs that older commits have too are used, so the script file also runs against an older checkout of the
 package (the second line above; copied out of the package so that its folder does not shadow standard modules) for
@@ -29,7 +34,7 @@ from functools import partial
 
 import torch
 
-VARIANTS = ("default", "matmul-prefix", "sdpa-prefix", "unfolded-qkv", "unfolded")
+VARIANTS = ("default", "matmul-prefix", "sdpa-prefix", "unfolded-qkv", "unfolded", "full-prefix")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
@@ -55,15 +60,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     obs.images.pop("right_wrist_0_rgb")
     obs.image_masks.pop("right_wrist_0_rgb")
     noise = torch.randn(1, config.action_horizon, config.action_dim, device=device)
-    small_attention, tiling_for = gemma.SMALL_ATTENTION, kernels.tiling_for
+    small_attention, tiling_for, llm_forward = gemma.SMALL_ATTENTION, kernels.tiling_for, gemma.JointGemma.forward
 
     def suffix_only_kernel(q: torch.Tensor, num_kv_heads: int):  # long query blocks are the prefix pass
         return None if q.shape[2] > config.action_horizon + 1 else tiling_for(q, num_kv_heads)
 
+    def whole_last_layer(self, *args, cache_only: bool = False, **kwargs):  # older checkouts lack the argument
+        return llm_forward(self, *args, **kwargs)
+
     outputs, latency = {}, {}
-    for variant in args.variants:
+    for variant in args.variants:  # a repeated variant overwrites its entry: the last run is returned
         gemma.SMALL_ATTENTION = 0 if variant == "sdpa-prefix" else small_attention
         kernels.tiling_for = suffix_only_kernel if variant == "matmul-prefix" else tiling_for
+        gemma.JointGemma.forward = whole_last_layer if variant == "full-prefix" else llm_forward
         sampler = CUDAGraphSampler(model, compile=True)
         for layer in model.llm.layers:  # the sampler (re)built the stacked and norm-folded copies
             expert = layer.experts[1]
@@ -76,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         outputs[variant], latency[variant] = sampler(obs, noise).float(), min(runs)
         sampler.reset()
         print(f"{variant}: batch 1 {min(runs):.2f} ms ({', '.join(f'{r:.2f}' for r in runs)})", flush=True)
-    gemma.SMALL_ATTENTION, kernels.tiling_for = small_attention, tiling_for
+    gemma.SMALL_ATTENTION, kernels.tiling_for, gemma.JointGemma.forward = small_attention, tiling_for, llm_forward
     first = outputs[args.variants[0]]
     for variant, out in outputs.items():
         print(f"{variant}: max |actions - {args.variants[0]}| {(out - first).abs().max().item():.2e}")

@@ -211,11 +211,15 @@ class JointLayer(nn.Module):
         conds: Sequence[torch.Tensor | None],
         kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
         return_kv: bool = True,
+        kv_only: bool = False,
     ) -> tuple[list[torch.Tensor | None], tuple[torch.Tensor, torch.Tensor] | None]:
         """hs: per-expert hidden states (B, T_i, D_i) or None; mask: additive (B, 1, T, S) where T = sum T_i and
         S = T plus the cached length; kv_cache: (K, V) of earlier tokens, already rotated, which are prepended.
         Returns the new hidden states and this call's rotated (K, V) (without the cache), or None if not
-        `return_kv` and there is a cache."""
+        `return_kv` and there is a cache. `kv_only` (no cache given): stop after the keys and values and return no
+        hidden states (all None), for a last layer whose outputs nothing reads."""
+        if kv_only and kv_cache is not None:
+            raise ValueError("kv_only computes a cache; it takes no cache")
         active = [h for h in hs if h is not None]
         small = kv_cache is not None and len(active) == 1 and not torch.is_grad_enabled()
         small = small and small_gemm.usable(active[0])
@@ -238,9 +242,11 @@ class JointLayer(nn.Module):
             vs.append(v.view(b, t, self.num_kv_heads, self.head_dim))
         cos, sin = rope
         if kv_cache is None or len(qs) > 1:  # this call's keys and values become a cache: compact tensors
-            q = apply_rope(torch.cat(qs, 1).transpose(1, 2), cos, sin)
             k = apply_rope(torch.cat(ks, 1).transpose(1, 2), cos, sin)
             v = torch.cat(vs, 1).transpose(1, 2)
+            if kv_only:
+                return [None] * len(hs), (k, v)
+            q = apply_rope(torch.cat(qs, 1).transpose(1, 2), cos, sin)
             out = attention(q, k, v, mask, self.num_kv_heads, kv_cache)
         elif return_kv:
             # one expert against a cache, keeping this call's keys (decoding): v stays a view of its projection, and
@@ -351,10 +357,14 @@ class JointGemma(nn.Module):
         conds: Sequence[torch.Tensor | None] | None = None,
         kv_cache: KVCache | None = None,
         return_kv: bool = False,
+        cache_only: bool = False,
     ) -> tuple[list[torch.Tensor | None], KVCache | None]:
-        """Run all layers. positions (B, T) for the new tokens; mask boolean (B, T, S)."""
+        """Run all layers. positions (B, T) for the new tokens; mask boolean (B, T, S). `cache_only` (with
+        `return_kv`, no `kv_cache`): only the keys and values are wanted (a prefix pass), so the last layer stops
+        after its projections (its attention, o_proj and MLP, 1/depth of the work, feed nothing), no final norm runs
+        and the hidden states come back as None."""
         rope, amask = self.attention_inputs(positions, mask)
-        return self.run(hs, rope, amask, conds, kv_cache, return_kv)
+        return self.run(hs, rope, amask, conds, kv_cache, return_kv, cache_only=cache_only)
 
     def run(
         self,
@@ -365,9 +375,12 @@ class JointGemma(nn.Module):
         kv_cache: KVCache | None = None,
         return_kv: bool = False,
         final_norms: bool = True,
+        cache_only: bool = False,
     ) -> tuple[list[torch.Tensor | None], KVCache | None]:
         """`forward` with its `attention_inputs` given; `final_norms=False` returns the hidden states before the
         experts' final norms (the sampler applies that norm inside its compiled per-step update)."""
+        if cache_only and (not return_kv or kv_cache is not None):
+            raise ValueError("cache_only needs return_kv=True and no kv_cache")
         conds = conds if conds is not None else [None] * len(self.configs)
         if not torch.is_grad_enabled():
             self.refresh_fusions()
@@ -376,12 +389,15 @@ class JointGemma(nn.Module):
         cache_out: KVCache = []
         for i, layer in enumerate(self.layers):
             cache_i = kv_cache[i] if kv_cache is not None else None
+            kv_only = cache_only and i == len(self.layers) - 1
             if self._checkpointed(i) and self.training and torch.is_grad_enabled():
-                hs, kv = torch.utils.checkpoint.checkpoint(layer, hs, rope, amask, conds, cache_i, use_reentrant=False)
+                hs, kv = torch.utils.checkpoint.checkpoint(
+                    layer, hs, rope, amask, conds, cache_i, True, kv_only, use_reentrant=False
+                )
             else:
-                hs, kv = layer(hs, rope, amask, conds, cache_i, return_kv)
+                hs, kv = layer(hs, rope, amask, conds, cache_i, return_kv, kv_only)
             if return_kv:
                 cache_out.append(kv)
-        if final_norms:
+        if final_norms and not cache_only:
             hs = [norm(h, c)[0] if h is not None else None for norm, h, c in zip(self.norms, hs, conds, strict=True)]
         return hs, (cache_out if return_kv else None)

@@ -329,7 +329,7 @@ class PI0(nn.Module):
         """Run the PaliGemma expert over the prefix once and keep its keys/values."""
         tokens, mask, ar = self.embed_prefix(obs)
         positions = torch.cumsum(mask.long(), dim=1) - 1
-        _, kv = self.llm([tokens, None], positions, make_attn_mask(mask, ar), return_kv=True)
+        _, kv = self.llm([tokens, None], positions, make_attn_mask(mask, ar), return_kv=True, cache_only=True)
         return PrefixCache(kv=kv, mask=mask)
 
     def denoise_context(

@@ -82,6 +82,30 @@ def test_cached_prefix_equals_joint_forward(model):
     torch.testing.assert_close(cached, joint, atol=1e-5, rtol=1e-5)
 
 
+def test_prefix_pass_skips_the_last_layers_unread_work(model):
+    """encode_prefix stops the last layer after its keys and values: the same cache bit for bit as the full pass, and
+    with grad the cache still reaches every parameter a loss through it needs (none of the skipped ones)."""
+    cfg = model.config
+    obs = random_observation(cfg)
+    tokens, mask, ar = model.embed_prefix(obs)
+    positions = torch.cumsum(mask.long(), dim=1) - 1
+    attn = make_attn_mask(mask, ar)
+    with torch.no_grad():
+        _, full = model.llm([tokens, None], positions, attn, return_kv=True)
+        hs, cache = model.llm([tokens, None], positions, attn, return_kv=True, cache_only=True)
+        assert hs == [None, None] and len(cache) == len(full) == cfg.paligemma.depth
+        for (k, v), (k_full, v_full) in zip(cache, full, strict=True):
+            assert torch.equal(k, k_full) and torch.equal(v, v_full)
+        assert torch.equal(model.encode_prefix(obs).kv[-1][0], full[-1][0])
+    with pytest.raises(ValueError, match="cache_only"):
+        model.llm([tokens, None], positions, attn, cache_only=True)
+    last = model.llm.layers[-1].experts[0]
+    model.train()
+    sum(k.sum() + v.sum() for k, v in model.encode_prefix(obs).kv).backward()
+    assert last.k_proj.weight.grad is not None
+    assert last.q_proj.weight.grad is None and last.mlp.down_proj.weight.grad is None
+
+
 @torch.no_grad()
 def test_masked_camera_and_padding_have_no_effect(model):
     cfg = model.config

@@ -73,6 +73,16 @@ def _isolated_mlflow_uri(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _restore_float32_matmul_precision():
+    """The benchmark entry points switch float32 matmuls to TF32 process-wide, as the CLI does; undo it after each
+    test so that later tests comparing float32 paths (compiled against eager) see full float32 matmuls again."""
+    precision, cudnn_tf32 = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    yield
+    torch.set_float32_matmul_precision(precision)
+    torch.backends.cudnn.allow_tf32 = cudnn_tf32
+
+
 # CPU installs have no Triton beside torch; `make install` puts one into the venv's triton-interpreter folder, used
 # only by the subprocesses of `run_triton_interpreter`, so that the main environment's torch never sees it
 INTERPRETER_TRITON = Path(sys.prefix) / "triton-interpreter"

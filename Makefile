@@ -87,7 +87,7 @@ bench-gpu: $(STAMP)
 	$(PY) -m pi0_lightning.benchmarks.gpu --infer-modes eager drop-cam graph compile --out runs/bench_gpu.json
 	$(PY) -m pi0_lightning.benchmarks.gpu --skip-infer --batches-train 16 --trainables full --compile-train \
 		--checkpointing off on llm6 --out runs/bench_gpu_compiled_train.json
-	$(PY) -m pi0_lightning.benchmarks.batch1 --variants default matmul-prefix unfolded-qkv unfolded
+	$(PY) -m pi0_lightning.benchmarks.batch1 --variants default full-prefix matmul-prefix unfolded-qkv unfolded
 	$(PY) -m pi0_lightning.benchmarks.attention --out runs/bench_attention.json
 	$(PY) -m pi0_lightning.benchmarks.skinny_gemm --quick --out runs/bench_skinny_gemm.json
 	$(PY) -m pi0_lightning.benchmarks.persistent --out runs/bench_persistent.json

@@ -3,9 +3,12 @@
     python -m pi0_lightning.evaluate --checkpoint DIR --suite libero_spatial --tasks 0,1 --episodes 5
 
 Protocol (openpi `examples/libero/main.py`): episode k of a task starts from official init state k; 10 wait steps;
-replan every 5 actions; the suite's step limit; env seed 7. Writes `results.json`, `results.md` and (with --video N)
-mp4s of the first N episodes of each task to --out. Success rates are summed across ranks with torchmetrics when
-run distributed (the Lightning `validate` path reuses `evaluate`).
+replan every 5 actions; the suite's step limit. Each task's simulator is seeded once (7) and its episodes reset in
+order from that random stream, so episode k sees the fixture layout openpi's episode k sees, whichever worker runs
+it (`openpi_streams`). An episode whose env raises counts as a failure (and is reported), as in openpi. Writes
+`results.json`, `results.md` (both carry the simulator stack) and (with --video N) mp4s of the first N episodes of
+each task to --out. Success rates are summed across ranks with torchmetrics when run distributed (the Lightning
+`validate` path reuses the same requests and counting).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +31,11 @@ from pi0_lightning.envs.libero import (
     LiberoEnvConfig,
     TaskInfo,
     UnknownTaskError,
+    openpi_streams,
     resolve_tasks,
 )
 from pi0_lightning.rollout.collector import CollectorConfig, RolloutCollector
-from pi0_lightning.rollout.metrics import TaskSuccessRate
+from pi0_lightning.rollout.metrics import TaskSuccessRate, count_episodes
 from pi0_lightning.rollout.types import ChunkPolicy, EpisodeRequest, EpisodeResult, RolloutStats
 
 
@@ -41,11 +45,21 @@ class EvalResult:
     tasks: list[dict] = field(default_factory=list)
     success_rate: float = 0.0
     episodes: int = 0
-    invalid_episodes: int = 0
+    env_errors: int = 0
+    """Episodes whose env raised or whose worker died: counted as failures."""
     stats: dict = field(default_factory=dict)
+    stack: dict = field(default_factory=dict)
+    """Simulator versions and render backend (`envs.physics.stack_versions`)."""
 
     def markdown(self) -> str:
         lines = [f"## {self.suite}: success {100 * self.success_rate:.1f}% over {self.episodes} episodes", ""]
+        if self.stack:
+            st = self.stack
+            lines += [
+                f"Simulator: MuJoCo {st['mujoco']}, robosuite {st['robosuite']}, {st['libero_package']}, "
+                f"render {st['render_backend']}",
+                "",
+            ]
         lines += ["| task | instruction | episodes | successes | success rate |", "|---|---|---|---|---|"]
         for t in self.tasks:
             rate = "n/a" if math.isnan(t["success_rate"]) else f"{100 * t['success_rate']:.1f}%"
@@ -55,12 +69,20 @@ class EvalResult:
             lines += [
                 "",
                 f"env steps/s: {s['env_steps_per_s']:.1f}; policy: {s['policy_ms_per_call']:.0f} ms per batched call; "
-                f"wall: {s['wall_seconds']:.0f} s; invalid (worker failures, not counted): {self.invalid_episodes}",
+                f"wall: {s['wall_seconds']:.0f} s; env errors (counted as failures): {self.env_errors}",
             ]
         return "\n".join(lines) + "\n"
 
 
-def eval_requests(tasks: list[TaskInfo], episodes: int, seed: int, video_episodes: int = 0) -> list[EpisodeRequest]:
+def eval_requests(
+    tasks: list[TaskInfo],
+    episodes: int,
+    seed: int,
+    video_episodes: int = 0,
+    streams: dict[int, list] | None = None,
+) -> list[EpisodeRequest]:
+    """Episodes 0..episodes-1 of each task; with `streams` (from `openpi_streams`) each carries its reset's state
+    of the task's random stream."""
     reqs = []
     for t in tasks:
         if episodes > t.num_eval_init_states:
@@ -68,24 +90,27 @@ def eval_requests(tasks: list[TaskInfo], episodes: int, seed: int, video_episode
                 f"task {t.task_id} has {t.num_eval_init_states} official init states, asked for {episodes}"
             )
         for k in range(episodes):
-            reqs.append(EpisodeRequest(t.task_id, k, t.language, seed=seed, record_video=k < video_episodes))
+            rng = None if streams is None else streams[t.task_id][k]
+            video = k < video_episodes
+            reqs.append(EpisodeRequest(t.task_id, k, t.language, seed=seed, rng_state=rng, record_video=video))
     return reqs
 
 
 def summarize(
     suite: str, tasks: list[TaskInfo], results: list[EpisodeResult], stats: RolloutStats, metric: TaskSuccessRate
 ) -> EvalResult:
-    valid = [r for r in results if r.valid]
-    if valid:
-        metric.update(torch.tensor([r.request.task_id for r in valid]), torch.tensor([float(r.success) for r in valid]))
+    from pi0_lightning.envs.physics import stack_versions
+
+    count_episodes(metric, results)
     # torchmetrics squeezes one-element results to scalars; keep per-task vectors 1-D
     out = {k: v.reshape(-1) for k, v in metric.compute().items()}
     res = EvalResult(
         suite,
         success_rate=float(out["overall"][0]),
         episodes=int(out["episodes"].sum()),
-        invalid_episodes=len(results) - len(valid),
+        env_errors=sum(not r.valid for r in results),
         stats=stats.as_dict(),
+        stack=stack_versions() if suite in SUITE_MAX_STEPS else {},
     )
     for t in tasks:
         res.tasks.append(
@@ -128,8 +153,13 @@ def evaluate(
     seed: int = SEED,
     video_episodes: int = 0,
     progress_desc: str = "eval",
+    openpi_seeding: bool = True,
 ) -> tuple[EvalResult, list[EpisodeResult]]:
-    requests = eval_requests(tasks, episodes, seed, video_episodes)
+    """openpi's protocol on the pool's workers; `openpi_seeding=False` seeds every episode's reset with `seed`
+    instead of running each task's episodes from one stream (envs without fixture randomisation, e.g. reach)."""
+    streams = openpi_streams(pool, [t.task_id for t in tasks], episodes, seed) if openpi_seeding else None
+    requests = eval_requests(tasks, episodes, seed, video_episodes, streams)
+    collector = replace(collector, retry_env_errors=False)
     results, stats = RolloutCollector(pool, policy, collector).collect(requests, desc=progress_desc)
     metric = TaskSuccessRate(num_tasks=max(t.task_id for t in tasks) + 1)
     return summarize(suite, tasks, results, stats, metric), results
@@ -165,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--worker-timeout", type=float, default=300.0, help="seconds before a hung worker is replaced")
     p.add_argument(
+        "--allow-unverified-physics",
+        action="store_true",
+        help="run under a MuJoCo outside the verified range (numbers then differ from published ones)",
+    )
+    p.add_argument(
         "--guidance",
         type=float,
         help="CFG weight w for RL-trained checkpoints (default 1: the positive-conditioned policy; ignored otherwise)",
@@ -174,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from pi0_lightning.checkpoint import CheckpointError, read_config
+    from pi0_lightning.envs.physics import PhysicsVersionError, check_mujoco
     from pi0_lightning.envs.pool import EnvPool
     from pi0_lightning.model.graphs import use_tf32
     from pi0_lightning.model.pi0_fast import PI0FASTConfig
@@ -184,8 +220,15 @@ def main(argv: list[str] | None = None) -> int:
     use_tf32()
     out = Path(args.out)
     try:
+        check_mujoco(args.allow_unverified_physics)
         tasks = resolve_tasks(args.suite, args.tasks)
-        env_cfg = LiberoEnvConfig(suite=args.suite, max_steps=args.max_steps, num_steps_wait=args.num_steps_wait)
+        env_cfg = LiberoEnvConfig(
+            suite=args.suite,
+            max_steps=args.max_steps,
+            num_steps_wait=args.num_steps_wait,
+            seed=args.seed,
+            allow_unverified_physics=args.allow_unverified_physics,
+        )
         tokenizer = args.tokenizer
         if args.train_small_tokenizer and tokenizer is None:
             fast = isinstance(read_config(args.checkpoint), PI0FASTConfig)
@@ -208,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(policy.model, "cfg_embed", None) is not None:  # CFG-trained: sample a trained branch, never "none"
             policy.guidance = 1.0 if args.guidance is None else args.guidance
         eval_requests(tasks, args.episodes, args.seed)  # validate before starting workers
-    except (UnknownTaskError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except (UnknownTaskError, CheckpointError, FileNotFoundError, ValueError, PhysicsVersionError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
     from functools import partial

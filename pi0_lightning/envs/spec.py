@@ -8,7 +8,15 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
 
-from pi0_lightning.envs.libero import SUITE_MAX_STEPS, LiberoEnv, LiberoEnvConfig, TaskInfo, resolve_tasks
+from pi0_lightning.envs.libero import (
+    SUITE_MAX_STEPS,
+    LiberoEnv,
+    LiberoEnvConfig,
+    TaskInfo,
+    init_states,
+    resolve_tasks,
+)
+from pi0_lightning.envs.physics import check_mujoco
 
 
 @dataclass
@@ -26,7 +34,10 @@ class EnvConfig:
     num_steps_wait: int = 10
     """LIBERO dummy steps at the start of each episode."""
     context_source: Literal["eval", "all"] = "eval"
-    """LIBERO initial states used as training contexts: the 50 official ones or all 100 shipped."""
+    """LIBERO initial states used as training contexts: the 50 official ones, or all shipped ones (100 per task for
+    libero_spatial/_10/_90; libero_object and libero_goal ship only the 50)."""
+    allow_unverified_physics: bool = False
+    """LIBERO: run under a MuJoCo outside the verified range (numbers then differ from published ones)."""
     hard_reset: bool = True
     """LIBERO: rebuild the MuJoCo model at each reset (LIBERO's default)."""
     worker_timeout: float = 300.0
@@ -45,6 +56,8 @@ class EnvSpec:
     init_states_per_task: int
     default_norm_stats: dict
     delta_actions: bool
+    openpi_seeding: bool = False
+    """Evaluation runs each task's episodes from one seeded random stream (LIBERO's fixture layouts)."""
 
 
 def identity_norm_stats(state_dim: int = 8, action_dim: int = 7) -> dict:
@@ -64,9 +77,11 @@ def build_env_spec(cfg: EnvConfig) -> EnvSpec:
             num_steps_wait=cfg.num_steps_wait,
             hard_reset=cfg.hard_reset,
             context_source=cfg.context_source,
+            allow_unverified_physics=cfg.allow_unverified_physics,
         )
+        check_mujoco(cfg.allow_unverified_physics)
         tasks = resolve_tasks(cfg.suite, cfg.tasks)
-        per_task = min(t.num_eval_init_states for t in tasks) if cfg.context_source == "eval" else 100
+        per_task = min(len(init_states(cfg.suite, t.task_id, cfg.context_source)) for t in tasks)
         return EnvSpec(
             partial(LiberoEnv, env_cfg),
             tasks,
@@ -74,6 +89,7 @@ def build_env_spec(cfg: EnvConfig) -> EnvSpec:
             per_task,
             identity_norm_stats(),
             delta_actions=True,
+            openpi_seeding=True,
         )
     if cfg.name == "reach":
         from pi0_lightning.envs.reach import ReachEnv, ReachEnvConfig, reach_norm_stats, reach_tasks

@@ -5,7 +5,8 @@ the train loader (`reload_dataloaders_every_n_epochs=1`, set by the CLI), which 
 (`rl/sampling.py`): rounds of K rollouts per context from this rank's shard, RLOO per group, useful groups kept until
 every rank holds its quota or the round budget is spent; then the chunks of the kept groups become training samples,
 padded with masked copies so every rank has the same number of batches. Validation shards the official evaluation
-episodes across ranks (padded with masked filler episodes) and runs them in `PI0RLModule.validation_step`.
+episodes across ranks (padded with masked filler episodes) and runs them in `PI0RLModule.validation_step`; LIBERO
+evaluation follows openpi's seeding (`evaluate.openpi_streams`), training rollouts seed each episode's reset.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ class RolloutDataModule(L.LightningDataModule):
         self.pool: EnvPool | None = None
         self.sampler: ContextSampler | None = None
         self._sampler_states: list[dict] | None = None
+        self._streams: dict[int, list] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -123,11 +125,12 @@ class RolloutDataModule(L.LightningDataModule):
     def prompts(self) -> dict[int, str]:
         return {t.task_id: t.language for t in self.spec.tasks}
 
-    def collector(self, policy, seed: int) -> RolloutCollector:
+    def collector(self, policy, seed: int, evaluation: bool = False) -> RolloutCollector:
         cfg = CollectorConfig(
             replan_steps=self.replan_steps,
             max_steps=self.spec.max_steps,
             sync_horizon=self.world_size > 1,
+            retry_env_errors=not evaluation,
             seed=seed,
             progress=self.progress and self.rank == 0,
         )
@@ -226,11 +229,15 @@ class RolloutDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ validation data
 
     def eval_requests(self) -> list[EpisodeRequest]:
+        """The official evaluation episodes, each task's run from one seeded stream as openpi does (LIBERO)."""
+        from pi0_lightning.envs.libero import openpi_streams
         from pi0_lightning.evaluate import eval_requests
 
         ids = None if self.eval_tasks is None else {int(x) for x in str(self.eval_tasks).split(",")}
         tasks = [t for t in self.spec.tasks if ids is None or t.task_id in ids]
-        return eval_requests(tasks, self.eval_episodes, seed=7, video_episodes=self.video_episodes)
+        if self.spec.openpi_seeding and self._streams is None:
+            self._streams = openpi_streams(self.pool, [t.task_id for t in tasks], self.eval_episodes, seed=7)
+        return eval_requests(tasks, self.eval_episodes, 7, self.video_episodes, self._streams)
 
     def val_dataloader(self) -> DataLoader:
         requests = self.eval_requests()

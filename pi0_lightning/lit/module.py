@@ -42,7 +42,7 @@ from pi0_lightning.policy.libero_fast import FAST_TOKENIZER_DIR, LiberoFASTPolic
 from pi0_lightning.policy.loading import checkpoint_assets
 from pi0_lightning.rl.loop import LOOPLossConfig, loop_loss
 from pi0_lightning.rl.losses import CFGLossConfig, cfg_loss
-from pi0_lightning.rollout.metrics import TaskSuccessRate
+from pi0_lightning.rollout.metrics import TaskSuccessRate, count_episodes
 
 
 @dataclass
@@ -389,17 +389,14 @@ class PI0RLModule(L.LightningModule):
         dm = self.trainer.datamodule
         for i, (_, value) in enumerate(self.eval_settings()):
             policy = self.rollout_policy(value)
-            collector = dm.collector(policy, seed=hash((dm.seed, 1_000_003, batch_idx, i)) & 0x7FFFFFFF)
+            seed = hash((dm.seed, 1_000_003, batch_idx, i)) & 0x7FFFFFFF
+            collector = dm.collector(policy, seed, evaluation=True)
             # validation_step runs inside the (FSDP) root forward: the wrapped JointLayer / SiglipBlock units
             # gather their own parameters when called, so no manual gathering here (FSDP forbids it)
             results, _ = collector.collect(batch, desc=f"eval {'T' if self.fast else 'w'}={value:g}")
-            real = [r for r in results if r.valid and not r.request.pad]
-            if real:
-                self.val_metrics[i].update(
-                    torch.tensor([r.request.task_id for r in real]), torch.tensor([float(r.success) for r in real])
-                )
+            count_episodes(self.val_metrics[i], results)  # an episode that did not finish counts as a failure
             if i == 0:
-                self.val_episodes += [r for r in real if r.frames]
+                self.val_episodes += [r for r in results if r.frames and not r.request.pad]
 
     def on_validation_epoch_end(self) -> None:
         tasks = self.trainer.datamodule.spec.tasks

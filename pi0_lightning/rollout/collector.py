@@ -11,8 +11,10 @@ finished envs their last observation and discarding their actions, so that distr
 calls; otherwise a wave stops as soon as all of its episodes have ended.
 
 A worker that crashes or hangs is replaced by the pool; its episode is discarded and re-queued (up to
-`max_retries` times, then reported as invalid). The policy noise of each call is seeded from (seed, wave, call), and
-env seeds come with the requests, so the same requests and seeds give the same rollouts.
+`max_retries` times, then reported as invalid). An episode whose env raised is re-queued likewise for training
+rollouts; evaluation (`retry_env_errors=False`) ends it at once, as openpi does, and counts it as a failure. The
+policy noise of each call is seeded from (seed, wave, call), and env seeds (or random-stream states) come with the
+requests, so the same requests and seeds give the same rollouts.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ class CollectorConfig:
     """Fixed number of policy calls per wave (needed for lockstep across distributed ranks)."""
     max_retries: int = 2
     """Re-runs of an episode whose worker crashed or hung before it is reported invalid."""
+    retry_env_errors: bool = True
+    """Also re-run an episode whose env raised; False (evaluation, as openpi) ends it there as invalid."""
     seed: int = 0
     """Base seed of the policy noise."""
     progress: bool = True
@@ -56,6 +60,13 @@ class _Slot:
     result: EpisodeResult
     done: bool = False
     failed: str | None = None
+
+
+def _reset_options(request: EpisodeRequest) -> dict:
+    options = {"task_id": request.task_id, "init_state": request.init_state}
+    if request.rng_state is not None:
+        options["rng_state"] = request.rng_state
+    return options
 
 
 class RolloutCollector:
@@ -92,7 +103,8 @@ class RolloutCollector:
                     stats.successes += int(slot.result.success)
                     continue
                 stats.failed_attempts += 1
-                if attempts[slot.index] <= cfg.max_retries:
+                retry = cfg.retry_env_errors or not slot.failed.startswith("error:")
+                if retry and attempts[slot.index] <= cfg.max_retries:
                     queue.append(slot.index)
                 else:
                     results[slot.index] = EpisodeResult(requests[slot.index], valid=False, failure=slot.failed)
@@ -116,7 +128,7 @@ class RolloutCollector:
         resets = self.pool.reset(
             workers,
             seeds=[r.seed for r in reqs],
-            options=[{"task_id": r.task_id, "init_state": r.init_state} for r in reqs],
+            options=[_reset_options(r) for r in reqs],
         )
         stats.env_seconds += time.perf_counter() - t0
         slots = []

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torchmetrics import Metric
 
+from pi0_lightning.rollout.types import EpisodeResult
+
 
 class TaskSuccessRate(Metric):
     """Counts successes and valid episodes per task id; `compute()` returns per-task rates (NaN if no episode)."""
@@ -26,3 +28,12 @@ class TaskSuccessRate(Metric):
         rates = self.successes / self.episodes  # NaN where a task had no episode
         overall = self.successes.sum() / self.episodes.sum().clamp(min=1)
         return {"per_task": rates, "overall": overall, "episodes": self.episodes, "successes": self.successes}
+
+
+def count_episodes(metric: TaskSuccessRate, results: list[EpisodeResult]) -> None:
+    """Every requested episode counts (filler episodes aside); one that did not finish counts as a failure."""
+    real = [r for r in results if not r.request.pad]
+    if real:
+        metric.update(
+            torch.tensor([r.request.task_id for r in real]), torch.tensor([float(r.valid and r.success) for r in real])
+        )

@@ -19,6 +19,10 @@ class EpisodeRequest:
     init_state: int
     prompt: str
     seed: int | None = None
+    """Env seed, set before this episode's reset (the layout is a function of it); ignored with `rng_state`."""
+    rng_state: Any = None
+    """The simulator's random-stream state to restore before the reset (LIBERO: openpi's per-task stream, see
+    `envs.libero.LiberoEnv.reset_streams`), so episode k gets the layout of a sequential run's episode k."""
     group: int = -1
     """RL group id (the K rollouts of one context share it); -1 outside RL."""
     record_video: bool = False

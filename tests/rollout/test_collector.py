@@ -120,6 +120,27 @@ def test_episode_reported_invalid_when_retries_run_out(tmp_path):
     assert stats.episodes == 0 and stats.failed_attempts == 1
 
 
+@pytest.mark.parametrize(("retry", "attempts"), [(True, 3), (False, 1)])
+def test_env_errors_end_the_episode_in_evaluation_and_count_as_failures(retry, attempts):
+    """Training retries an episode whose env raised; evaluation (as openpi) ends it at once, and the success rate
+    counts it as a failure."""
+    import torch
+
+    from pi0_lightning.rollout.metrics import TaskSuccessRate, count_episodes
+
+    reqs = [EpisodeRequest(task_id=t, init_state=0, prompt=f"task {t}", seed=t) for t in (0, 1)]
+    with EnvPool(partial(PointEnv, goal=2, raise_task=1), 2, timeout_s=20) as pool:
+        results, stats, _ = collect(pool, reqs, retry_env_errors=retry)
+    ok, raised = results
+    assert ok.valid and ok.success
+    assert not raised.valid and "simulated env error" in raised.failure and stats.failed_attempts == attempts
+    metric = TaskSuccessRate(2)
+    count_episodes(metric, results)
+    out = metric.compute()
+    assert out["episodes"].tolist() == [1, 1] and out["successes"].tolist() == [1, 0]
+    assert float(out["overall"]) == pytest.approx(0.5) and torch.isclose(out["per_task"][1], torch.tensor(0.0).double())
+
+
 def test_replan_longer_than_horizon_is_rejected(pool):
     with pytest.raises(ValueError, match="exceeds the policy's action horizon"):
         RolloutCollector(pool, StepPolicy(), CollectorConfig(replan_steps=5))

@@ -8,7 +8,7 @@ TRITON_VERSION ?= 3.5.0
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test lint format demo demo-learn demo-learn-fast compare bench-cpu bench-env bench-gpu clean
+.PHONY: install test lint format demo demo-learn demo-learn-fast compare check-physics bench-cpu bench-env bench-gpu clean
 
 install: $(STAMP)
 
@@ -71,6 +71,11 @@ demo-learn-fast: $(STAMP)
 # Table of all MLflow runs (latest metrics)
 compare: $(STAMP)
 	$(PY) -m pi0_lightning.compare
+
+# Is this the physics of the published LIBERO results? Task-5 bowl settle over its 50 init states, LIBERO-Object
+# floor brightness, versions and a verdict (~20 s; see BENCHMARKS.md "LIBERO physics")
+check-physics: $(STAMP)
+	$(PY) -m pi0_lightning.envs.physics
 
 # CPU timing of sample_actions / a training forward (prints a table; see BENCHMARKS.md)
 bench-cpu: $(STAMP)

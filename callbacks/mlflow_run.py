@@ -16,7 +16,8 @@ def _mlflow(trainer: L.Trainer) -> MLFlowLogger | None:
 
 class MLflowRunFile(L.Callback):
     """Writes {run_id, tracking_uri} to `path` (point the logger's `run_file` at the same file) and into every
-    Lightning checkpoint, and logs the resolved config.yaml as an artifact."""
+    Lightning checkpoint, and logs the resolved config.yaml as an artifact and, for LIBERO, the simulator stack
+    (`sim/mujoco`, `sim/robosuite`, `sim/libero_package`, `sim/render_backend`) as parameters."""
 
     def __init__(self, path: str = "runs/checkpoints/mlflow_run.json", config_file: str | None = None):
         """
@@ -38,6 +39,11 @@ class MLflowRunFile(L.Callback):
         config = Path(self.config_file) if self.config_file else Path(log_dir or ".") / "config.yaml"
         if config.is_file():
             logger.experiment.log_artifact(logger.run_id, str(config))
+        env = getattr(trainer.datamodule, "env_config", None)
+        if getattr(env, "name", None) == "libero":
+            from pi0_lightning.envs.physics import stack_versions
+
+            logger.log_hyperparams({f"sim/{k}": v for k, v in stack_versions().items()})
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._record(trainer)

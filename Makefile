@@ -86,17 +86,13 @@ bench-env: $(STAMP)
 	$(PY) -m pi0_lightning.benchmarks.env
 
 # Real PI0 (3.3B, bf16, random weights) on one CUDA GPU: matmul peak, sample_actions latency/throughput and
-# fraction of peak, CFG RL training step time/memory (full vs action expert, checkpointing off/on), the denoising
-# attention kernel against the matmul path, the batch-1 kernel studies, PI0-FAST decoding, LIBERO rollouts end to end
+# fraction of peak, CFG RL training step time/memory (full vs action expert, checkpointing off/on), the batch-1
+# kernel profile (prefix vs denoising steps), PI0-FAST decoding, LIBERO rollouts end to end (see BENCHMARKS.md)
 bench-gpu: $(STAMP)
 	$(PY) -m pi0_lightning.benchmarks.gpu --infer-modes eager drop-cam graph compile --out runs/bench_gpu.json
 	$(PY) -m pi0_lightning.benchmarks.gpu --skip-infer --batches-train 16 --trainables full --compile-train \
 		--checkpointing off on llm6 --out runs/bench_gpu_compiled_train.json
-	$(PY) -m pi0_lightning.benchmarks.batch1 --variants default full-prefix matmul-prefix unfolded-qkv unfolded
-	$(PY) -m pi0_lightning.benchmarks.attention --out runs/bench_attention.json
-	$(PY) -m pi0_lightning.benchmarks.skinny_gemm --quick --out runs/bench_skinny_gemm.json
-	$(PY) -m pi0_lightning.benchmarks.persistent --out runs/bench_persistent.json
-	$(PY) -m pi0_lightning.benchmarks.prefix_gemm --quick --out runs/bench_prefix_gemm.json
+	$(PY) -m pi0_lightning.benchmarks.profile --compile --tf32
 	$(PY) -m pi0_lightning.benchmarks.fast_decode --out runs/bench_fast.json
 	$(PY) -m pi0_lightning.benchmarks.rollout --workers 8 16 --out runs/bench_rollout.json
 

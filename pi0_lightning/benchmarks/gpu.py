@@ -9,7 +9,7 @@ Weights are random (speed does not depend on their values); the model is built d
    prompt with 20 valid tokens: median latency over `--repeats` runs after 3 warm-up runs, chunks/s, and the achieved
    TFLOP/s from the analytic matmul count `sample_flops`, as a fraction of the measured peak;
 3. training: one optimizer step (forward, backward, AdamW, fused on CUDA) of the two-branch CFG loss
-   (`rl.losses.cfg_loss`; chunks padded to 50 actions, the first 5 executed) for full fine-tuning and for the action
+   (`rl.cfg.cfg_loss`; chunks padded to 50 actions, the first 5 executed) for full fine-tuning and for the action
    expert only, with and without activation checkpointing: median step time over repeats/4 steps (5 by default)
    after 2 warm-up steps, and peak allocated memory, reset per configuration (an out-of-memory configuration reads
    "OOM"); plus the single-branch flow-matching step (`model(obs, actions).mean()`, full fine-tuning, batch 16 or
@@ -46,7 +46,7 @@ from pi0_lightning.model import kernels, small_gemm
 from pi0_lightning.model.config import GemmaConfig, PI0Config
 from pi0_lightning.model.graphs import CUDAGraphSampler, compile_blocks
 from pi0_lightning.model.pi0 import PI0
-from pi0_lightning.rl.losses import CFGLossConfig, cfg_loss
+from pi0_lightning.rl.cfg import CFGLossConfig, cfg_loss
 
 Row = dict[str, Any]
 Column = tuple[str, str, str]  # row key, header, format spec

@@ -44,13 +44,7 @@ import sys
 import time
 import traceback
 
-# Never touch the network (no hub lookups for configs, tokenizers or weights).
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import torch  # noqa: E402
+import torch
 
 GIB = 1024**3
 RESULTS: dict = {}
@@ -422,8 +416,18 @@ def print_tables(args):
 
 
 # ------------------------------------------------------------------------------------------ main
+def offline() -> None:
+    """Never touch the network (no hub lookups for configs, tokenizers or weights): set before LeRobot is imported,
+    for this run only, not when the module is imported."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
 def main():
     global OUT_PATH
+    offline()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="JSON results path")
     ap.add_argument("--device", default="cuda")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 
 import pytest
@@ -99,21 +98,3 @@ def test_profile_needs_cuda():
 
     with pytest.raises(SystemExit, match="needs a CUDA device"):
         profile_main([])
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
-@pytest.mark.parametrize("name", ["attention", "skinny_gemm"])
-def test_kernel_benchmarks_need_cuda(name):
-    module = importlib.import_module(f"pi0_lightning.benchmarks.{name}")
-    with pytest.raises(SystemExit, match="needs a CUDA device"):
-        module.main([])
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_attention_benchmark_runs(capsys):
-    from pi0_lightning.benchmarks.attention import main as attention_main
-
-    (row,) = attention_main(["--batches", "1"])["rows"]
-    assert row["matmul_us"] > 0 and row["kernel_us"] > 0 and row["max_abs_diff"] < 2e-2
-    assert "| batch | matmul path, compiled (us) |" in capsys.readouterr().out

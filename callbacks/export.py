@@ -7,17 +7,25 @@ from pathlib import Path
 
 import lightning as L
 
+from pi0_lightning.callbacks.paths import under_root
+
 
 class SafetensorsExport(L.Callback):
-    def __init__(self, dirpath: str = "runs/export"):
+    def __init__(self, dirpath: str | None = None):
         """
         Args:
-            dirpath: output directory (replaced atomically at each export).
+            dirpath: output directory, replaced atomically at each export (default: <root dir>/export).
         """
-        self.dirpath = Path(dirpath)
+        self.given = dirpath
+        self.dirpath = Path(dirpath) if dirpath else None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.dirpath = under_root(trainer, self.given, "export")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        with pl_module.full_parameters():  # FSDP: every rank gathers, rank 0 writes
+        from pi0_lightning.lit.strategies import full_parameters
+
+        with full_parameters(trainer):  # FSDP: every rank gathers, rank 0 writes
             if trainer.is_global_zero:
                 out = pl_module.export_pretrained(self.dirpath)
                 print(f"policy exported to {out.resolve()} (python -m pi0_lightning.evaluate --checkpoint DIR)")

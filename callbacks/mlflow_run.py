@@ -9,6 +9,8 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.loggers import MLFlowLogger
 
+from pi0_lightning.callbacks.paths import under_root
+
 
 def _mlflow(trainer: L.Trainer) -> MLFlowLogger | None:
     return next((lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)
@@ -19,14 +21,18 @@ class MLflowRunFile(L.Callback):
     Lightning checkpoint, and logs the resolved config.yaml as an artifact and, for LIBERO, the simulator stack
     (`sim/mujoco`, `sim/robosuite`, `sim/libero_package`, `sim/render_backend`) as parameters."""
 
-    def __init__(self, path: str = "runs/checkpoints/mlflow_run.json", config_file: str | None = None):
+    def __init__(self, path: str | None = None, config_file: str | None = None):
         """
         Args:
-            path: JSON file with the run id, next to the checkpoints.
+            path: JSON file with the run id, next to the checkpoints (default: <root dir>/checkpoints/mlflow_run.json).
             config_file: the resolved config to log as an artifact (default: <log_dir>/config.yaml).
         """
-        self.path = Path(path)
+        self.given = path
+        self.path = Path(path) if path else None
         self.config_file = config_file
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.path = under_root(trainer, self.given, "checkpoints", "mlflow_run.json")
 
     def _record(self, trainer: L.Trainer) -> None:
         # after every setup() hook, so LightningCLI's SaveConfigCallback has written config.yaml
@@ -62,13 +68,17 @@ class SuccessRatePlot(L.Callback):
     """Plot rollout success (every iteration) and val/success_rate (every validation) to success_rate.png after each
     validation and at the end of fit, and log it to MLflow (rank 0)."""
 
-    def __init__(self, dirpath: str = "runs/plots"):
+    def __init__(self, dirpath: str | None = None):
         """
         Args:
-            dirpath: where success_rate.png is written.
+            dirpath: where success_rate.png is written (default: the trainer's root directory).
         """
-        self.dirpath = Path(dirpath)
+        self.given = dirpath
+        self.dirpath = Path(dirpath) if dirpath else None
         self.history: dict[str, list[tuple[int, float]]] = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.dirpath = under_root(trainer, self.given)
 
     def _record(self, trainer: L.Trainer, key: str) -> None:
         if key in trainer.callback_metrics:

@@ -1,5 +1,6 @@
-"""Per-iteration rollout statistics: appended to `<dirpath>/rollout_stats.jsonl` and printed as one line (rank 0).
-The same numbers are logged as metrics by the module; this file is for quick inspection without MLflow."""
+"""Per-iteration rollout statistics (the data module's last `rl.iteration.Iteration`): appended to
+`<dirpath>/rollout_stats.jsonl` and printed as one line (rank 0). The same numbers are logged as metrics by the
+module; this file is for quick inspection without MLflow."""
 
 from __future__ import annotations
 
@@ -8,19 +9,26 @@ from pathlib import Path
 
 import lightning as L
 
+from pi0_lightning.callbacks.paths import under_root
+
 
 class RolloutStatsWriter(L.Callback):
-    def __init__(self, dirpath: str = "runs/stats"):
+    def __init__(self, dirpath: str | None = None):
         """
         Args:
-            dirpath: directory of rollout_stats.jsonl.
+            dirpath: directory of rollout_stats.jsonl (default: the trainer's root directory).
         """
-        self.path = Path(dirpath) / "rollout_stats.jsonl"
+        self.dirpath = dirpath
+        self.path: Path | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.path = under_root(trainer, self.dirpath) / "rollout_stats.jsonl"
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        stats = dict(getattr(pl_module, "rollout_metrics", {}))
-        if not trainer.is_global_zero or not stats:
+        iteration = getattr(trainer.datamodule, "iteration", None)
+        if not trainer.is_global_zero or iteration is None:
             return
+        stats = iteration.metrics
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps({"iteration": trainer.current_epoch, **stats}) + "\n")

@@ -6,18 +6,24 @@ from pathlib import Path
 
 import lightning as L
 
+from pi0_lightning.callbacks.paths import under_root
+
 
 class RolloutVideoLogger(L.Callback):
-    def __init__(self, dirpath: str = "runs/videos", max_videos: int = 4, fps: int = 10):
+    def __init__(self, dirpath: str | None = None, max_videos: int = 4, fps: int = 10):
         """
         Args:
-            dirpath: where mp4s are written (iteration_XXXX/ subfolders).
+            dirpath: where mp4s are written (iteration_XXXX/ subfolders; default: <root dir>/videos).
             max_videos: videos per validation run.
             fps: frames per second.
         """
-        self.dirpath = Path(dirpath)
+        self.given = dirpath
+        self.dirpath = Path(dirpath) if dirpath else None
         self.max_videos = max_videos
         self.fps = fps
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.dirpath = under_root(trainer, self.given, "videos")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         episodes = list(getattr(pl_module, "val_episodes", []))[: self.max_videos]

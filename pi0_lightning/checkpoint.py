@@ -149,3 +149,68 @@ def load_pretrained(path: str | Path, dtype: str | None = None, device: str | to
 def read_norm_stats(path: str | Path) -> dict[str, Any] | None:
     file = Path(path) / NORM_STATS
     return json.loads(file.read_text()) if file.is_file() else None
+
+
+def is_fast(checkpoint: str | Path | None, variant: str) -> bool:
+    """Whether a checkpoint directory (or, without one, a named variant) holds PI0-FAST."""
+    if checkpoint:
+        return isinstance(read_config(checkpoint), PI0FASTConfig)
+    from pi0_lightning.model.pi0_fast import FAST_VARIANTS
+
+    return variant in FAST_VARIANTS
+
+
+def load_or_init(
+    checkpoint: str | Path | None, variant: str, action_horizon: int | None = None, seed: int = 0
+) -> PI0 | PI0FAST:
+    """The checkpoint's model in float32, or a randomly initialised `variant` (seeded) when there is none;
+    `action_horizon` overrides the horizon H (must cover the chunks executed between replans)."""
+    if checkpoint:
+        model = load_pretrained(checkpoint, dtype="float32")
+        if action_horizon:
+            model.config.action_horizon = action_horizon
+        return model
+    overrides = {"action_horizon": action_horizon} if action_horizon else {}
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        if is_fast(None, variant):
+            return PI0FAST(PI0FASTConfig.variant(variant, **overrides))
+        return PI0(PI0Config.variant(variant, **overrides))
+
+
+def export_pretrained(
+    model: PI0 | PI0FAST,
+    path: str | Path,
+    norm_stats: dict | None,
+    tokenizer_path: str | Path | None,
+    fast_tokenizer: Any = None,
+    lora: tuple[int, float] | None = None,
+) -> Path:
+    """A trained model as a checkpoint directory (float32 safetensors, LoRA merged, assets bundled), loadable by
+    `PI0.from_pretrained` / `load_policy`. Reads parameters by name, so it also works on FSDP-wrapped models inside
+    a full-parameter context; `lora` is the (rank, alpha) the model was trained with."""
+    import dataclasses
+    import tempfile
+
+    from pi0_lightning.model.lora import apply_lora, merge_lora
+
+    def clean(name: str) -> str:  # FSDP / activation-checkpoint wrappers insert these into parameter names
+        return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+
+    state = {clean(n): p.detach().to("cpu", torch.float32) for n, p in model.named_parameters()}
+    out = build_model(dataclasses.replace(model.config, dtype="float32"))
+    if lora is not None:
+        apply_lora(out.llm, *lora)
+    out.load_state_dict(state, assign=True)
+    merge_lora(out)
+    out.apply_dtype_policy("float32")
+    with tempfile.TemporaryDirectory() as tmp:
+        assets = {}
+        if fast_tokenizer is not None:
+            from pi0_lightning.policy.libero_fast import FAST_TOKENIZER_DIR
+
+            assets[FAST_TOKENIZER_DIR] = fast_tokenizer.save_pretrained(Path(tmp) / FAST_TOKENIZER_DIR)
+        out.save_pretrained(
+            path, norm_stats=norm_stats, tokenizer_path=tokenizer_path, overwrite=True, asset_dirs=assets
+        )
+    return Path(path)

@@ -1,7 +1,8 @@
 """`pi0-lightning fit|validate --config ...`: LightningCLI over PI0RLModule and RolloutDataModule.
 
     pi0-lightning fit --config configs/demo.yaml
-    pi0-lightning fit --config configs/experiments/pi0_libero_spatial.yaml --config configs/trainer/ddp.yaml
+    pi0-lightning fit --config configs/experiments/base.yaml --config configs/experiments/libero_goal.yaml \
+        --config configs/trainer/ddp.yaml
     pi0-lightning fit --config configs/demo.yaml --ckpt_path last        # resume
     pi0-lightning validate --config configs/demo.yaml --ckpt_path runs/demo/checkpoints/last.ckpt
     pi0-lightning fit --config configs/demo.yaml --print_config          # the fully resolved config
@@ -15,6 +16,7 @@ one line and exit code 2.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -38,6 +40,33 @@ class PI0LightningCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         check_inputs(cfg)
+        fill_run_paths(cfg)
+
+
+def _entries(value) -> list:
+    if value is None or isinstance(value, bool):
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
+def fill_run_paths(cfg) -> None:
+    """Paths an experiment leaves out follow `trainer.default_root_dir` (our callbacks resolve theirs themselves):
+    ModelCheckpoint's directory is `<root>/checkpoints`; the MLflow logger's run file sits beside it and its
+    experiment is named after the suite."""
+    root = Path(cfg.trainer.default_root_dir or ".")
+    env = cfg.data.env
+    suite = getattr(env, "suite", None) if getattr(env, "name", "libero") == "libero" else getattr(env, "name", None)
+    for entry in _entries(cfg.trainer.callbacks):
+        args = getattr(entry, "init_args", None)
+        if str(getattr(entry, "class_path", "")).endswith("ModelCheckpoint") and args.dirpath is None:
+            args.dirpath = str(root / "checkpoints")
+    for entry in _entries(cfg.trainer.logger):
+        args = getattr(entry, "init_args", None)
+        if str(getattr(entry, "class_path", "")).endswith("logger.MLflowLogger"):
+            if args.run_file is None:
+                args.run_file = str(root / "checkpoints" / "mlflow_run.json")
+            if args.experiment_name is None:
+                args.experiment_name = suite or "pi0_lightning"
 
 
 def check_checkpoint_assets(model_cfg, config) -> None:

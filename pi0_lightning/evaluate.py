@@ -168,7 +168,11 @@ def evaluate(
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pi0_lightning.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="pi0_lightning checkpoint directory (see pi0-convert)")
-    p.add_argument("--suite", default="libero_spatial", help=f"one of {', '.join(SUITE_MAX_STEPS)}")
+    p.add_argument(
+        "--suite",
+        default="libero_spatial",
+        help="a LIBERO suite (libero_spatial, _object, _goal, _10, _90) or a LIBERO-PRO one",
+    )
     p.add_argument("--tasks", default="all", help="task ids or names, comma-separated (default all)")
     p.add_argument("--episodes", type=int, default=50, help="episodes per task (official init states 0..N-1)")
     p.add_argument("--workers", type=int, default=2, help="environment subprocesses (~1.8 GB RAM each)")

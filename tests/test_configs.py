@@ -1,38 +1,53 @@
-"""Every YAML in configs/ parses against the current code (LightningCLI --print_config)."""
+"""Every YAML in configs/ parses against the current code (LightningCLI --print_config): the standalone configs
+alone, the experiment overrides on top of the shared base, the trainer fragments on top of the demo."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pi0_lightning.cli import TRAINER_DEFAULTS, PI0LightningCLI
 from pi0_lightning.lit.datamodule import RolloutDataModule
 from pi0_lightning.lit.module import PI0RLModule
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-EXPERIMENTS = sorted(p for p in CONFIGS.rglob("*.yaml") if "trainer" not in p.parts)
+BASE = CONFIGS / "experiments" / "base.yaml"
+STANDALONE = sorted([*CONFIGS.glob("*.yaml"), BASE])
+OVERRIDES = sorted(p for p in (CONFIGS / "experiments").glob("*.yaml") if p != BASE)
 FRAGMENTS = sorted((CONFIGS / "trainer").glob("*.yaml"))
 
 
-def print_config(args: list[str], capsys) -> str:
+def print_config(args: list[str], capsys) -> dict:
     with pytest.raises(SystemExit) as exit_info:
         PI0LightningCLI(PI0RLModule, RolloutDataModule, trainer_defaults=TRAINER_DEFAULTS, args=args)
     assert exit_info.value.code in (0, None)
-    return capsys.readouterr().out
+    return yaml.safe_load(capsys.readouterr().out)
 
 
-@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
-def test_experiment_config_parses(path, capsys):
-    out = print_config(["fit", "--config", str(path), "--print_config"], capsys)
-    assert "model:" in out and "data:" in out and "replan_steps: 5" in out
+@pytest.mark.parametrize("path", STANDALONE, ids=lambda p: p.name)
+def test_standalone_config_parses(path, capsys):
+    cfg = print_config(["fit", "--config", str(path), "--print_config"], capsys)
+    assert cfg["data"]["replan_steps"] == 5 and cfg["model"]["algorithm"]["name"] in ("cfg", "loop")
+
+
+@pytest.mark.parametrize("path", OVERRIDES, ids=lambda p: p.name)
+def test_experiment_override_composes_with_the_base(path, capsys):
+    cfg = print_config(["fit", "--config", str(BASE), "--config", str(path), "--print_config"], capsys)
+    override = yaml.safe_load(path.read_text())
+    assert cfg["trainer"]["default_root_dir"] == override["trainer"]["default_root_dir"] != "runs/pi0_libero_spatial"
+    suite = override.get("data", {}).get("env", {}).get("suite", "libero_spatial")
+    assert cfg["data"]["env"]["suite"] == suite and cfg["data"]["sampling"]["group_size"] == 8
+    if "algorithm" in override.get("model", {}):  # PI0-FAST: the base's CFG settings are replaced, not merged
+        assert cfg["model"]["algorithm"] == {"name": "loop", **override["model"]["algorithm"]["init_args"]}
 
 
 @pytest.mark.parametrize("path", FRAGMENTS, ids=lambda p: p.name)
 def test_trainer_fragment_composes_with_the_demo(path, capsys):
-    out = print_config(["fit", "--config", str(CONFIGS / "demo.yaml"), "--config", str(path), "--print_config"], capsys)
-    assert "trainer:" in out
+    cfg = print_config(["fit", "--config", str(CONFIGS / "demo.yaml"), "--config", str(path), "--print_config"], capsys)
+    assert cfg["trainer"]["default_root_dir"] == "runs/demo"
 
 
 def test_all_configs_found():
-    assert len(EXPERIMENTS) >= 6 and len(FRAGMENTS) >= 4
+    assert len(STANDALONE) == 4 and len(OVERRIDES) == 4 and len(FRAGMENTS) >= 4

@@ -1,4 +1,4 @@
-"""From collected episodes to training samples: RLOO per group, one sample per executed chunk, rank padding.
+"""From RLOO-scored rollout groups to training samples: one sample per executed chunk, rank padding, batching.
 
 Each sample is one executed chunk paired with its own start observation (never the episode's first one), the
 normalised actions actually executed from it (dims beyond the robot's zeroed, as in openpi's padded training data)
@@ -8,7 +8,6 @@ with a mask over executed rows, and its episode's RLOO advantage. `pad_samples` 
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -16,8 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pi0_lightning.rl.advantages import rloo_advantages, useful_groups
-from pi0_lightning.rollout.types import EpisodeResult
+from pi0_lightning.rl.advantages import GroupResult
 
 
 @dataclass
@@ -29,33 +27,6 @@ class TrainSample:
     valid: bool = True
     task_id: int = -1
     record: Any = None  # the policy's per-chunk record (PI0-FAST: TokenRecord)
-
-
-@dataclass
-class GroupResult:
-    """The K episodes of one context and what RLOO made of them."""
-
-    group: int
-    episodes: list[EpisodeResult]
-    rewards: np.ndarray  # (K,)
-    advantages: np.ndarray  # (K,)
-    useful: bool
-
-
-def group_episodes(episodes: list[EpisodeResult], group_size: int) -> tuple[list[GroupResult], int]:
-    """RLOO over complete groups; groups with an invalid (crashed) episode are dropped. Returns (groups, dropped)."""
-    by_group: dict[int, list[EpisodeResult]] = defaultdict(list)
-    for ep in episodes:
-        by_group[ep.request.group].append(ep)
-    groups, dropped = [], 0
-    for gid in sorted(by_group):
-        eps = by_group[gid]
-        if len(eps) != group_size or not all(e.valid for e in eps):
-            dropped += 1
-            continue
-        rewards = np.array([[float(e.success) for e in eps]])
-        groups.append(GroupResult(gid, eps, rewards[0], rloo_advantages(rewards)[0], bool(useful_groups(rewards)[0])))
-    return groups, dropped
 
 
 def chunk_samples(groups: list[GroupResult], robot_action_dim: int | None = None) -> list[TrainSample]:

@@ -1,32 +1,31 @@
-"""RolloutDataModule: one epoch = one RL iteration, collected with the current policy in `train_dataloader()`.
+"""RolloutDataModule: one epoch = one RL iteration (`rl/iteration.py`), run in `train_dataloader()`.
 
 `setup()` builds this rank's env worker pool once (the model never enters a worker). Every epoch Lightning reloads
-the train loader (`reload_dataloaders_every_n_epochs=1`, set by the CLI), which runs dynamic sampling
-(`rl/sampling.py`): rounds of K rollouts per context from this rank's shard, RLOO per group, useful groups kept until
-every rank holds its quota or the round budget is spent; then the chunks of the kept groups become training samples,
-padded with masked copies so every rank has the same number of batches. Validation shards the official evaluation
-episodes across ranks (padded with masked filler episodes) and runs them in `PI0RLModule.validation_step`; LIBERO
-evaluation follows openpi's seeding (`evaluate.openpi_streams`), training rollouts seed each episode's reset.
+the train loader (`reload_dataloaders_every_n_epochs=1`, set by the CLI), which runs the iteration with the module's
+current policy (FSDP parameters gathered for it) and serves its samples. Validation shards the official evaluation
+episodes across ranks (padded with masked filler episodes); loading a batch runs its episodes once per evaluation
+setting, and `PI0RLModule.validation_step` counts them. LIBERO evaluation follows openpi's seeding
+(`envs.libero.openpi_streams`); training rollouts seed each episode's reset.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import partial
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from pi0_lightning.data.samples import SampleDataset, chunk_samples, collate, group_episodes, pad_samples
+from pi0_lightning.data.samples import SampleDataset, collate
 from pi0_lightning.envs.pool import EnvPool
 from pi0_lightning.envs.spec import EnvConfig, EnvSpec, build_env_spec
-from pi0_lightning.rl.sampling import Context, ContextSampler, SamplingConfig, all_reduce_max, all_reduce_min
+from pi0_lightning.lit.strategies import full_parameters
+from pi0_lightning.rl.iteration import Iteration, run_iteration
+from pi0_lightning.rl.sampling import Context, ContextSampler, SamplingConfig
 from pi0_lightning.rollout.collector import CollectorConfig, RolloutCollector
 from pi0_lightning.rollout.types import EpisodeRequest
 
@@ -79,6 +78,8 @@ class RolloutDataModule(L.LightningDataModule):
         self.sampler: ContextSampler | None = None
         self._sampler_states: list[dict] | None = None
         self._streams: dict[int, list] | None = None
+        self.iteration: Iteration | None = None
+        """The last RL iteration's samples, metrics and episodes (read by the module and the callbacks)."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -125,7 +126,38 @@ class RolloutDataModule(L.LightningDataModule):
     def prompts(self) -> dict[int, str]:
         return {t.task_id: t.language for t in self.spec.tasks}
 
-    def collector(self, policy, seed: int, evaluation: bool = False) -> RolloutCollector:
+    # ------------------------------------------------------------------ training data: one RL iteration
+
+    def train_dataloader(self) -> DataLoader:
+        """Runs this epoch's RL iteration (`rl/iteration.py`) with the module's current policy and serves its
+        samples; the iteration's metrics and episodes stay in `self.iteration` for logging."""
+        module = self.trainer.lightning_module
+        policy = module.policy()
+        epoch = self.trainer.current_epoch
+        with full_parameters(self.trainer):
+            self.iteration = run_iteration(
+                partial(self._collect, policy),
+                self.sampler,
+                self.sampling,
+                self.prompts(),
+                iteration=epoch,
+                seed=self.seed,
+                rank=self.rank,
+                batch_size=self.batch_size,
+                robot_action_dim=policy.transforms.action_dim,
+                device=self._device(),
+            )
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return DataLoader(
+            SampleDataset(self.iteration.samples * self.repeats),
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=g,
+            num_workers=0,  # the rollout data lives in this process; workers would pickle it (and the policy)
+            collate_fn=partial(collate, to_observation=partial(policy.to_observation, device="cpu")),
+        )
+
+    def _collect(self, policy, requests, seed: int, desc: str, evaluation: bool = False):
         cfg = CollectorConfig(
             replan_steps=self.replan_steps,
             max_steps=self.spec.max_steps,
@@ -134,91 +166,7 @@ class RolloutDataModule(L.LightningDataModule):
             seed=seed,
             progress=self.progress and self.rank == 0,
         )
-        return RolloutCollector(self.pool, policy, cfg)
-
-    # ------------------------------------------------------------------ training data
-
-    def train_dataloader(self) -> DataLoader:
-        module = self.trainer.lightning_module
-        policy = module.rollout_policy()
-        with module.full_parameters():
-            samples, metrics = self.collect_iteration(policy, self.trainer.current_epoch)
-        module.rollout_metrics = metrics
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.trainer.current_epoch)
-        return DataLoader(
-            SampleDataset(samples * self.repeats),
-            batch_size=self.batch_size,
-            shuffle=True,
-            generator=g,
-            num_workers=0,  # the rollout data lives in this process; workers would pickle it (and the policy)
-            collate_fn=partial(collate, to_observation=partial(policy.to_observation, device="cpu")),
-        )
-
-    def collect_iteration(self, policy, epoch: int) -> tuple[list, dict[str, Any]]:
-        s = self.sampling
-        prompts = self.prompts()
-        kept, all_groups, episodes = [], [], []
-        dropped = rounds = 0
-        steps = env_s = policy_s = policy_calls = 0.0
-        start = time.perf_counter()
-        for rnd in range(s.max_rounds):
-            rounds += 1
-            contexts = self.sampler.next(s.contexts_per_round)
-            offset = len(all_groups) + dropped
-            requests = [
-                EpisodeRequest(c.task_id, c.init_state, prompts[c.task_id], seed=self.seed + k, group=offset + i)
-                for i, c in enumerate(contexts)
-                for k in range(s.group_size)
-            ]
-            round_seed = hash((self.seed, epoch, rnd, self.rank)) & 0x7FFFFFFF
-            results, stats = self.collector(policy, round_seed).collect(requests, desc=f"iteration {epoch} round {rnd}")
-            episodes += results
-            steps += stats.env_steps
-            env_s += stats.env_seconds
-            policy_s += stats.policy_seconds
-            policy_calls += stats.policy_calls
-            groups, n_dropped = group_episodes(results, s.group_size)
-            dropped += n_dropped
-            for g in groups:
-                ctx = contexts[g.group - offset]
-                self.sampler.record(ctx, [e.success for e in g.episodes])
-            all_groups += groups
-            kept += [g for g in groups if g.useful or not s.dynamic_sampling]
-            if all_reduce_min(len(kept), self._device()) >= s.groups_per_rank:
-                break
-        kept = kept[: s.groups_per_rank]
-        samples = chunk_samples(kept, robot_action_dim=policy.transforms.action_dim)
-        filler = chunk_samples(all_groups[:1], policy.transforms.action_dim)[:1] or [None]
-        n = all_reduce_max(len(samples), self._device())
-        target = max(1, math.ceil(n / self.batch_size)) * self.batch_size
-        if filler[0] is None and not samples:
-            raise RuntimeError("no complete rollout group this iteration (all env workers failing?)")
-        samples = pad_samples(samples, target, filler[0])
-        valid = [e for e in episodes if e.valid]
-        adv = np.concatenate([g.advantages for g in kept]) if kept else np.zeros(1)
-        metrics = {
-            "rollout/success_rate": float(np.mean([e.success for e in valid])) if valid else 0.0,
-            "rollout/episodes": float(len(valid)),
-            "rollout/episode_len": float(np.mean([e.length for e in valid])) if valid else 0.0,
-            "rollout/groups": float(len(all_groups)),
-            "rollout/useful_group_frac": sum(g.useful for g in all_groups) / max(len(all_groups), 1),
-            "rollout/kept_groups": float(len(kept)),
-            "rollout/rounds": float(rounds),
-            "rollout/invalid_episodes": float(len(episodes) - len(valid)),
-            "rollout/skipped_contexts": float(self.sampler.skipped_total),
-            "rollout/adv_abs_mean": float(np.abs(adv).mean()),
-            "rollout/adv_pos_frac": float((adv > 0).mean()),
-            "rollout/train_chunks": float(sum(x.valid for x in samples)),
-            "rollout/env_steps_per_s": steps / max(time.perf_counter() - start, 1e-9),
-            "rollout/env_seconds": env_s,
-            "rollout/policy_ms_per_call": 1000 * policy_s / max(policy_calls, 1),
-            "rollout/seconds": time.perf_counter() - start,
-        }
-        decoded = [c.record.decoded for e in valid for c in e.chunks if hasattr(c.record, "decoded")]
-        if decoded:  # PI0-FAST: chunks whose tokens were not a well-formed action (the env got zeros)
-            metrics["rollout/undecodable_frac"] = 1.0 - float(np.mean(decoded))
-        self.last_episodes = episodes
-        return samples, metrics
+        return RolloutCollector(self.pool, policy, cfg).collect(requests, desc=desc)
 
     def _device(self) -> torch.device:
         # NCCL collectives need CUDA tensors; gloo takes CPU ones
@@ -226,7 +174,7 @@ class RolloutDataModule(L.LightningDataModule):
             return self.trainer.strategy.root_device
         return torch.device("cpu")
 
-    # ------------------------------------------------------------------ validation data
+    # ------------------------------------------------------------------ validation data: evaluation episodes
 
     def eval_requests(self) -> list[EpisodeRequest]:
         """The official evaluation episodes, each task's run from one seeded stream as openpi does (LIBERO)."""
@@ -240,20 +188,26 @@ class RolloutDataModule(L.LightningDataModule):
         return eval_requests(tasks, self.eval_episodes, 7, self.video_episodes, self._streams)
 
     def val_dataloader(self) -> DataLoader:
+        """Batches of this rank's evaluation episodes (padded with masked fillers so ranks stay in step), run when
+        the batch is loaded: each batch is a list with the finished episodes per evaluation setting."""
         requests = self.eval_requests()
         shard = requests[self.rank :: self.world_size]
         per_rank = math.ceil(len(requests) / self.world_size)
-        from dataclasses import replace
-
         shard += [replace(requests[0], pad=True, record_video=False)] * (per_rank - len(shard))
         workers = self.env_config.num_workers
         batches = [shard[i : i + workers] for i in range(0, len(shard), workers)]
-        return DataLoader(batches, batch_size=None, collate_fn=_identity, num_workers=0)
+        return DataLoader(batches, batch_size=None, collate_fn=self._evaluate, num_workers=0)
 
-    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
-        if isinstance(batch, list):  # validation batches are episode requests for the env workers, not tensors
-            return batch
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+    def _evaluate(self, requests: list[EpisodeRequest]) -> list[list]:
+        module = self.trainer.lightning_module
+        algorithm, out = module.algorithm, []
+        with full_parameters(self.trainer):
+            for i, (_, value) in enumerate(algorithm.eval_settings()):
+                seed = hash((self.seed, 1_000_003, requests[0].task_id, requests[0].init_state, i)) & 0x7FFFFFFF
+                label = f"eval {algorithm.setting_name}={value:g}"
+                results, _ = self._collect(module.policy(value), requests, seed, label, evaluation=True)
+                out.append(results)
+        return out
 
     # ------------------------------------------------------------------ checkpointing
 

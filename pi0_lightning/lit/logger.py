@@ -26,7 +26,7 @@ def default_tracking_uri(db: str | Path = "runs/mlflow.db") -> str:
 class MLflowLogger(MLFlowLogger):
     def __init__(
         self,
-        experiment_name: str = "pi0_lightning",
+        experiment_name: str | None = None,
         run_name: str | None = None,
         tracking_uri: str | None = None,
         db: str = "runs/mlflow.db",
@@ -36,11 +36,12 @@ class MLflowLogger(MLFlowLogger):
     ):
         """
         Args:
-            experiment_name: MLflow experiment (one per benchmark suite makes comparisons easy).
+            experiment_name: MLflow experiment (default: the suite, so that each benchmark suite is one experiment).
             run_name: MLflow run name.
             tracking_uri: explicit store; default $MLFLOW_TRACKING_URI, else sqlite at `db`.
             db: sqlite file used when no tracking URI is given.
-            run_file: JSON file holding the run id to resume (written by the MLflowRunFile callback).
+            run_file: JSON file holding the run id to resume (written by the MLflowRunFile callback; default:
+                <trainer root dir>/checkpoints/mlflow_run.json).
             tags: extra run tags.
             artifact_location: where new experiments store artifacts (default: next to the database).
         """
@@ -53,7 +54,7 @@ class MLflowLogger(MLFlowLogger):
         if artifact_location is None and uri.startswith("sqlite:///"):
             artifact_location = Path(uri.removeprefix("sqlite:///")).parent.joinpath("mlartifacts").as_uri()
         super().__init__(
-            experiment_name=experiment_name,
+            experiment_name=experiment_name or "pi0_lightning",
             run_name=run_name,
             tracking_uri=uri,
             tags=tags,

@@ -6,6 +6,8 @@ units: their `forward` is what the model calls, which FSDP's all-gather hooks re
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Literal
 
@@ -39,3 +41,21 @@ def fsdp_strategy(
         use_orig_params=True,
         timeout=timedelta(minutes=timeout_minutes),
     )
+
+
+@contextlib.contextmanager
+def full_parameters(trainer) -> Iterator[None]:
+    """Rollouts and export call the model outside `forward()`; under FSDP, gather its full parameters for them (a
+    collective: every rank enters it). A no-op for other strategies."""
+    strategy = getattr(trainer, "strategy", None)
+    if not isinstance(strategy, FSDPStrategy) or strategy.model is None:
+        yield
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with FSDP.summon_full_params(strategy.model, writeback=False, recurse=True):
+        yield
+
+
+def uses_fsdp(trainer) -> bool:
+    return isinstance(getattr(trainer, "strategy", None), FSDPStrategy)

@@ -1,19 +1,29 @@
-"""A LIBERO policy from a converted checkpoint directory, whichever model it holds (PI0, PI0.5 or PI0-FAST).
+"""A LIBERO policy from a converted checkpoint directory, whichever model it holds (PI0, PI0.5 or PI0-FAST), and
+the assets a policy needs besides its weights.
 
 A directory written by `pi0-convert` or by RL export holds `config.json` (with `model_type`), the safetensors
 weights, `norm_stats.json`, the PaliGemma tokenizer and, for PI0-FAST, the FAST processor in `fast_tokenizer/`.
-Missing assets can be given explicitly; anything still missing is one clear `FileNotFoundError`.
+Missing assets can be given explicitly; anything still missing is one clear `FileNotFoundError`. A randomly
+initialised model (demos, tests, learning proofs) gets a small tokenizer trained on its instructions, a FAST
+processor fitted on synthetic chunks and the environment's norm stats (`resolve_assets`).
 """
 
 from __future__ import annotations
 
+import json
+import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from pi0_lightning.checkpoint import load_pretrained
+from pi0_lightning.model.pi0 import PI0
 from pi0_lightning.model.pi0_fast import PI0FAST
+from pi0_lightning.policy.assets import small_prompt_tokenizer, synthetic_fast_tokenizer
+from pi0_lightning.policy.fast import FASTActionTokenizer
 from pi0_lightning.policy.libero import LiberoPolicy
 from pi0_lightning.policy.libero_fast import FAST_TOKENIZER_DIR, LiberoFASTPolicy
 from pi0_lightning.policy.tokenizer import find_tokenizer_file
@@ -63,6 +73,86 @@ def checkpoint_assets(
                 else f"FAST processor directory {fast_tokenizer} does not exist"
             )
     return CheckpointAssets(tok_file, norm_stats, fast_dir)
+
+
+@dataclass
+class PolicyAssets:
+    """Everything besides the weights that turns a model into a LIBERO policy (and travels with its checkpoints)."""
+
+    tokenizer: Path
+    norm_stats: dict
+    delta_actions: bool
+    """openpi's delta-action transform (pi0 / PI0-FAST LIBERO checkpoints: yes; pi05: no)."""
+    fast_tokenizer: FASTActionTokenizer | None = None
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        """The assets as bytes for a Lightning checkpoint (a random model's tokenizer lives in a temporary file)."""
+        fast = None
+        if self.fast_tokenizer is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                saved = self.fast_tokenizer.save_pretrained(Path(tmp) / FAST_TOKENIZER_DIR)
+                fast = {f.name: f.read_bytes() for f in saved.iterdir()}
+        return {
+            "tokenizer_name": self.tokenizer.name,
+            "tokenizer_bytes": self.tokenizer.read_bytes(),
+            "norm_stats": self.norm_stats,
+            "delta_actions": self.delta_actions,
+            "fast_tokenizer": fast,
+        }
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict[str, Any], delta_actions: bool) -> PolicyAssets:
+        path = Path(tempfile.mkdtemp(prefix="pi0_tok_")) / saved["tokenizer_name"]
+        path.write_bytes(saved["tokenizer_bytes"])
+        fast = None
+        if saved.get("fast_tokenizer"):
+            fast_dir = path.parent / FAST_TOKENIZER_DIR
+            fast_dir.mkdir()
+            for name, data in saved["fast_tokenizer"].items():
+                (fast_dir / name).write_bytes(data)
+            fast = FASTActionTokenizer.from_pretrained(fast_dir)
+        return cls(path, saved["norm_stats"], saved.get("delta_actions", delta_actions), fast)
+
+
+def resolve_assets(
+    model: PI0 | PI0FAST,
+    checkpoint: str | Path | None,
+    tokenizer: str | Path | None = None,
+    fast_tokenizer: str | Path | None = None,
+    delta_actions: bool | None = None,
+    instructions: Sequence[str] = (),
+    env_norm_stats: dict | None = None,
+    env_delta_actions: bool = False,
+    seed: int = 0,
+) -> PolicyAssets:
+    """Each asset explicit if given, else the checkpoint's, else (random models) built for the environment: a small
+    tokenizer trained on its `instructions`, a FAST processor fitted on synthetic chunks, its norm stats."""
+    fast = isinstance(model, PI0FAST)
+    bundled = None
+    if checkpoint is not None:
+        bundled = checkpoint_assets(checkpoint, fast, tokenizer, fast_tokenizer, require_norm_stats=False)
+    tok = bundled.tokenizer if bundled else tokenizer
+    if tok is None:
+        tmp = Path(tempfile.mkdtemp(prefix="pi0_tok_"))
+        vocab = min(1000, model.config.vocab_size)
+        tok = small_prompt_tokenizer(instructions, tmp / "small_tokenizer.model", vocab, fast=fast)
+    fast_tok = None
+    if fast:
+        fast_dir = bundled.fast_tokenizer if bundled else fast_tokenizer
+        if fast_dir is not None:
+            fast_tok = FASTActionTokenizer.from_pretrained(fast_dir)
+        else:
+            fast_tok = synthetic_fast_tokenizer(model.config.action_horizon, model.config.action_dim, seed=seed)
+    if bundled is not None and bundled.norm_stats is not None:
+        norm_stats = json.loads(bundled.norm_stats.read_text())
+    elif env_norm_stats is not None:
+        norm_stats = env_norm_stats
+    else:
+        raise FileNotFoundError("no norm stats: the checkpoint has no norm_stats.json and no environment gives any")
+    if delta_actions is None:
+        # converted LIBERO checkpoints follow openpi (pi0 and PI0-FAST delta, pi05 absolute); random ones the env's
+        delta_actions = (fast or not model.config.pi05) if checkpoint is not None else env_delta_actions
+    return PolicyAssets(Path(tok), norm_stats, delta_actions, fast_tok)
 
 
 def load_policy(

@@ -1,4 +1,4 @@
-"""CFG-style advantage-conditioned flow matching (CFGRL) for PI0, on RIPT-style rollouts.
+"""RIPT-CFG for PI0 / PI0.5: CFG-style advantage-conditioned flow matching (CFGRL) on RIPT-style rollouts.
 
 Every executed chunk c of a rollout is a training sample: its own start observation o_c, the normalised actions the
 policy executed from it (padded to the horizon H, padded rows masked), and the RLOO advantage A of its episode.
@@ -26,19 +26,20 @@ episode-level advantage is broadcast to all of its chunks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import torch
 
 from pi0_lightning.model.observation import Observation
 from pi0_lightning.model.pi0 import COND_NEGATIVE, COND_NULL, COND_POSITIVE, PI0, sample_time
+from pi0_lightning.policy.loading import PolicyAssets
 
 
 @dataclass
 class CFGLossConfig:
     name: Literal["cfg"] = "cfg"
-    """Selects this loss in a config (`loss: {name: cfg}`); the PI0 / PI0.5 default."""
+    """Selects this algorithm in a config (`algorithm: {name: cfg}`); the PI0 / PI0.5 default."""
     variant: Literal["two_branch", "three_label"] = "two_branch"
     """two_branch: weight(A)*1[A>0]*FM(pos) + alpha*FM(null); three_label: one branch, labels pos/neg with dropout."""
     alpha: float = 0.1
@@ -129,3 +130,58 @@ def cfg_loss(
         }
     )
     return loss, {k: v.detach() for k, v in metrics.items()}
+
+
+@dataclass
+class CFG(CFGLossConfig):
+    """The CFG algorithm: the loss above, rollouts with the guided sampler, validation swept over w."""
+
+    rollout_guidance: float = 1.0
+    """CFG weight w of training rollouts (1 = the positive-conditioned policy)."""
+    eval_guidance: list[float] = field(default_factory=lambda: [1.0])
+    """CFG weights evaluated in validation; the first is logged as val/success_rate."""
+    num_denoise_steps: int = 10
+    """Euler steps of the flow sampler."""
+    norm_mode: Literal["zscore", "quantile"] | None = None
+    """Normalisation of state and actions: zscore (pi0) or quantile (pi05); default by model type."""
+
+    fast: ClassVar[bool] = False
+    setting_name: ClassVar[str] = "w"
+
+    def prepare_model(self, model: PI0) -> None:
+        model.add_cfg_conditions(self.num_conditions)
+
+    def build_policy(self, model: PI0, assets: PolicyAssets, device: torch.device, cuda_graphs: bool):
+        from pi0_lightning.policy.libero import LiberoPolicy
+
+        return LiberoPolicy.build(
+            model,
+            assets.norm_stats,
+            assets.tokenizer,
+            delta_actions=assets.delta_actions,
+            norm_mode=self.norm_mode,
+            num_steps=self.num_denoise_steps,
+            device=device,
+            cuda_graphs=cuda_graphs,
+        )
+
+    def rollout_setting(self) -> float:
+        return self.rollout_guidance
+
+    def eval_settings(self) -> list[tuple[str, float]]:
+        return [("" if i == 0 else f"_w{w:g}", w) for i, w in enumerate(self.eval_guidance or [1.0])]
+
+    def configure_policy(self, policy, value: float) -> None:
+        policy.guidance = value
+
+    def loss(self, model: PI0, batch: dict[str, Any], generator: torch.Generator | None = None):
+        return cfg_loss(
+            model,
+            batch["obs"],
+            batch["actions"],
+            batch["action_mask"],
+            batch["advantages"],
+            batch["valid"],
+            self,
+            generator=generator,
+        )

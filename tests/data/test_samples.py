@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pi0_lightning.data.samples import chunk_samples, collate, group_episodes, pad_samples
+from pi0_lightning.data.samples import chunk_samples, collate, pad_samples
 from pi0_lightning.policy.libero_fast import TokenRecord
+from pi0_lightning.rl.advantages import group_episodes
 from pi0_lightning.rollout.types import Chunk, EpisodeRequest, EpisodeResult
 
 

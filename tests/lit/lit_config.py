@@ -70,7 +70,7 @@ def write_config(
         or {
             "variant": "pi0_micro",
             "action_horizon": 10,
-            "eval_guidance": [1.0, 2.0],
+            "algorithm": {"name": "cfg", "eval_guidance": [1.0, 2.0]},
             "optim": {"lr": 1.0e-3, "warmup_steps": 1},
         },  # fmt: skip
         "data": data,

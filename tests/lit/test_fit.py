@@ -122,7 +122,10 @@ def test_fast_fit_validate_and_export(tmp_path):
     from pi0_lightning.policy.libero_fast import LiberoFASTPolicy
     from pi0_lightning.policy.loading import load_policy
 
-    model = {"variant": "pi0_fast_micro", "max_decoding_steps": 12, "eval_temperature": 0.0}
+    model = {
+        "variant": "pi0_fast_micro",
+        "algorithm": {"name": "loop", "max_decoding_steps": 12, "eval_temperature": 0.0},
+    }
     config = write_config(tmp_path, epochs=1, model=model, video_episodes=0)
     assert main(["fit", "--config", str(config)]) == 0
     run = tmp_path / "run"

@@ -8,7 +8,7 @@ from conftest import random_observation
 
 from pi0_lightning.model.config import PI0Config
 from pi0_lightning.model.pi0 import COND_NULL, COND_POSITIVE, PI0
-from pi0_lightning.rl.losses import CFGLossConfig, cfg_loss, masked_fm
+from pi0_lightning.rl.cfg import CFGLossConfig, cfg_loss, masked_fm
 
 
 @pytest.fixture

@@ -26,6 +26,9 @@ only for a step whose observation the caller asked for (`set_render(True)`). Whe
 sampling phase is copied from a proprio observable so that the image is sampled at exactly the sub-step an
 always-rendering env would use: the pixels and the physics are identical to rendering every step.
 
+The robot is robosuite 1.4.1's Panda (a collision geom on the wrist link, which openpi's published numbers had),
+installed into the pinned robosuite 1.4.0 when an env is built (`wrist_collision`, `envs.panda_wrist`).
+
 Images are returned as rendered (256x256 uint8, robosuite's OpenGL orientation, i.e. upside down); the policy
 transforms apply openpi's 180-degree rotation and resize to 224. Rendering at 224 directly is *not* pixel-identical
 to 256 + resize (edge pixels differ by up to ~100 levels), so the default keeps openpi's 256.
@@ -188,6 +191,9 @@ class LiberoEnvConfig:
     """Which shipped initial states `init_state` indexes: the 50 official evaluation ones, or all (see init_states)."""
     allow_unverified_physics: bool = False
     """Run under a MuJoCo outside the verified range (results then differ from published ones; see envs.physics)."""
+    wrist_collision: bool = True
+    """The Panda with robosuite 1.4.1's wrist collision geom, as openpi's published numbers were measured
+    (envs.panda_wrist); False = robosuite 1.4.0's model, whose wrist passes through objects."""
 
     @property
     def episode_steps(self) -> int:
@@ -236,6 +242,11 @@ class LiberoEnv(gym.Env if gym is not None else object):
     def _build(self, task_id: int) -> None:
         setup_rendering()
         from libero.libero.envs import OffScreenRenderEnv
+
+        from pi0_lightning.envs.panda_wrist import install_wrist_collision, uninstall_wrist_collision
+
+        # the robot model is read at every build and hard reset, in this (worker) process
+        (install_wrist_collision if self.config.wrist_collision else uninstall_wrist_collision)()
 
         if self._env is not None:
             self._env.close()

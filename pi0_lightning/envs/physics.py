@@ -124,11 +124,16 @@ def _bowl_on_ramekin(sim) -> str:
     return min(BOWLS, key=lambda b: float(np.linalg.norm((_body_pose(sim, b)[0] - ramekin)[:2])))
 
 
-def settle(states: list[int] | None = None, hard_reset: bool = False, wait: int | None = None) -> list[Settle]:
-    """The task-5 bowl after openpi's reset (set_init_state + wait steps) from each init state (default all 50)."""
+def settle(
+    states: list[int] | None = None, hard_reset: bool = False, wait: int | None = None, wrist: bool = True
+) -> list[Settle]:
+    """The task-5 bowl after openpi's reset (set_init_state + wait steps) from each init state (default all 50);
+    `wrist`: the Panda with robosuite 1.4.1's wrist collision geom (`envs.panda_wrist`), as `LiberoEnv` builds it."""
     from pi0_lightning.envs.libero import DUMMY_ACTION, NUM_STEPS_WAIT, LiberoEnv, LiberoEnvConfig
 
-    config = LiberoEnvConfig(SETTLE_SUITE, hard_reset=hard_reset, num_steps_wait=0, allow_unverified_physics=True)
+    config = LiberoEnvConfig(
+        SETTLE_SUITE, hard_reset=hard_reset, num_steps_wait=0, allow_unverified_physics=True, wrist_collision=wrist
+    )
     env = LiberoEnv(config)
     wait = NUM_STEPS_WAIT if wait is None else wait
     out = []

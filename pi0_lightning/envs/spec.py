@@ -38,6 +38,8 @@ class EnvConfig:
     libero_spatial/_10/_90; libero_object and libero_goal ship only the 50)."""
     allow_unverified_physics: bool = False
     """LIBERO: run under a MuJoCo outside the verified range (numbers then differ from published ones)."""
+    wrist_collision: bool = True
+    """LIBERO: the Panda with robosuite 1.4.1's wrist collision geom (openpi's stack); False = robosuite 1.4.0's."""
     hard_reset: bool = True
     """LIBERO: rebuild the MuJoCo model at each reset (LIBERO's default)."""
     worker_timeout: float = 300.0
@@ -78,6 +80,7 @@ def build_env_spec(cfg: EnvConfig) -> EnvSpec:
             hard_reset=cfg.hard_reset,
             context_source=cfg.context_source,
             allow_unverified_physics=cfg.allow_unverified_physics,
+            wrist_collision=cfg.wrist_collision,
         )
         check_mujoco(cfg.allow_unverified_physics)
         tasks = resolve_tasks(cfg.suite, cfg.tasks)

@@ -51,8 +51,8 @@ def _entries(value) -> list:
 
 def fill_run_paths(cfg) -> None:
     """Paths an experiment leaves out follow `trainer.default_root_dir` (our callbacks resolve theirs themselves):
-    ModelCheckpoint's directory is `<root>/checkpoints`; the MLflow logger's run file sits beside it and its
-    experiment is named after the suite."""
+    ModelCheckpoint's directory is `<root>/checkpoints`; the MLflow logger's run file sits beside it, its local
+    directory (where the resolved config.yaml goes) is the root, and its experiment is named after the suite."""
     root = Path(cfg.trainer.default_root_dir or ".")
     env = cfg.data.env
     suite = getattr(env, "suite", None) if getattr(env, "name", "libero") == "libero" else getattr(env, "name", None)
@@ -67,6 +67,8 @@ def fill_run_paths(cfg) -> None:
                 args.run_file = str(root / "checkpoints" / "mlflow_run.json")
             if args.experiment_name is None:
                 args.experiment_name = suite or "pi0_lightning"
+            if args.save_dir is None:
+                args.save_dir = str(root)
 
 
 def check_checkpoint_assets(model_cfg, config) -> None:

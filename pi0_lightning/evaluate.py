@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     from pi0_lightning.envs.pool import EnvPool
     from pi0_lightning.model.graphs import use_tf32
     from pi0_lightning.model.pi0_fast import PI0FASTConfig
+    from pi0_lightning.model.speed import SpeedConfig
     from pi0_lightning.policy.assets import small_prompt_tokenizer
     from pi0_lightning.policy.loading import load_policy
 
@@ -238,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
             fast = isinstance(read_config(args.checkpoint), PI0FASTConfig)
             texts = [t.language for t in resolve_tasks(args.suite)]
             tokenizer = small_prompt_tokenizer(texts, out / "small_tokenizer.model", vocab_size=1000, fast=fast)
+        # on a GPU; --no-cuda-graphs samples eagerly without stacked weights, the plain path to compare against
+        speed = None
+        if str(args.device).startswith("cuda"):
+            speed = SpeedConfig(fused_projections=args.cuda_graphs, cuda_graphs=args.cuda_graphs, compile=args.compile)
         policy = load_policy(
             args.checkpoint,
             device=args.device,
@@ -246,12 +251,8 @@ def main(argv: list[str] | None = None) -> int:
             fast_tokenizer=args.fast_tokenizer,
             temperature=args.temperature,
             max_decoding_steps=args.max_decoding_steps,
-            cuda_graphs=args.cuda_graphs and str(args.device).startswith("cuda"),
+            speed=speed,
         )
-        if args.compile and policy.device.type == "cuda":
-            from pi0_lightning.model.graphs import compile_blocks
-
-            compile_blocks(policy.model)
         if getattr(policy.model, "cfg_embed", None) is not None:  # CFG-trained: sample a trained branch, never "none"
             policy.guidance = 1.0 if args.guidance is None else args.guidance
         eval_requests(tasks, args.episodes, args.seed)  # validate before starting workers

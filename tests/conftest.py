@@ -100,14 +100,15 @@ def run_triton_interpreter(script: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
 
 
-def assert_kernels_match_in_compiled_graphs(model, obs: Observation, noise: torch.Tensor, disabled) -> None:
-    """bf16 sampling on CUDA with a kernel module's kernels equals it inside `disabled()` (the module's switch off),
-    eager and as a compiled CUDA graph, to bf16 tolerance."""
-    from pi0_lightning.model.graphs import CUDAGraphSampler
+def assert_kernels_match_in_compiled_graphs(model, obs: Observation, noise: torch.Tensor, path: str) -> None:
+    """bf16 sampling on CUDA with the inference speed paths equals it with one of them (`path`, a `SpeedConfig`
+    field) switched off, eager and as a compiled CUDA graph, to bf16 tolerance."""
+    from pi0_lightning.model.speed import SpeedConfig, apply_speed_paths, disabled
 
-    with disabled():
+    apply_speed_paths(model)
+    with disabled(model, path):
         expected = model.sample_actions(obs, noise=noise, num_steps=3)
     eager = model.sample_actions(obs, noise=noise, num_steps=3)
-    graphed = CUDAGraphSampler(model, compile=True)(obs, noise, 3)
+    graphed = apply_speed_paths(model, SpeedConfig(compile=True, cuda_graphs=True))(obs, noise, 3)
     torch.testing.assert_close(eager, expected, atol=5e-2, rtol=5e-2)
     torch.testing.assert_close(graphed, eager, atol=5e-2, rtol=5e-2)

@@ -27,9 +27,9 @@ from pi0_lightning.benchmarks import write_json
 from pi0_lightning.benchmarks.gpu import OOM, device_info, free_memory, markdown, time_ms, warmup
 from pi0_lightning.checkpoint import build_model
 from pi0_lightning.model.config import IMAGE_KEYS
-from pi0_lightning.model.graphs import FASTGraphDecoder, compile_blocks
 from pi0_lightning.model.observation import Observation
 from pi0_lightning.model.pi0_fast import PI0FAST, PI0FASTConfig
+from pi0_lightning.model.speed import SpeedConfig, apply_speed_paths, set_activation_checkpointing
 from pi0_lightning.rl.loop import LOOPLossConfig, loop_loss
 
 VALID_PROMPT = 60
@@ -61,9 +61,8 @@ def bench_decode(model: PI0FAST, device, batches, token_counts, repeats, modes) 
     rows = []
     model.eval()
     for mode in sorted(modes, key=lambda m: m == "compile"):
-        if mode == "compile" and device.type == "cuda":
-            compile_blocks(model)
-        decoder = FASTGraphDecoder(model) if mode in ("graph", "compile") else None
+        speed = SpeedConfig(compile=mode == "compile" and device.type == "cuda", cuda_graphs=mode != "eager")
+        decoder = apply_speed_paths(model, speed)
         for b in batches:
             obs = fast_observation(model.config, b, device)
             for n in token_counts:
@@ -90,7 +89,7 @@ def _loop_step(model, opt, obs, ids, logp_old, adv, mask, valid) -> None:
 def bench_loop_step(model: PI0FAST, device, batches, tokens, repeats, checkpointing) -> list[dict[str, Any]]:
     rows = []
     model.train()
-    model.llm.gradient_checkpointing = checkpointing
+    set_activation_checkpointing(model.llm, checkpointing)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")
     for b in batches:
         obs = fast_observation(model.config, b, device)

@@ -42,10 +42,15 @@ import torch
 from pi0_lightning.benchmarks import write_json
 from pi0_lightning.benchmarks.cpu import observation
 from pi0_lightning.checkpoint import build_model
-from pi0_lightning.model import kernels, small_gemm
 from pi0_lightning.model.config import GemmaConfig, PI0Config
-from pi0_lightning.model.graphs import CUDAGraphSampler, compile_blocks
 from pi0_lightning.model.pi0 import PI0
+from pi0_lightning.model.speed import (
+    SpeedConfig,
+    apply_speed_paths,
+    compile_blocks,
+    disabled,
+    set_activation_checkpointing,
+)
 from pi0_lightning.rl.cfg import CFGLossConfig, cfg_loss
 
 Row = dict[str, Any]
@@ -136,6 +141,18 @@ def matmul_peak_tflops(device: torch.device, n: int = 8192, repeats: int = 20) -
 INFER_MODES = ["eager", "drop-cam", "graph", "compile", "compile-unfused", "compile-matmul-attn", "compile-cublas"]
 
 
+def speed_config(mode: str) -> SpeedConfig:
+    """The speed paths of an inference mode (see `bench_inference`)."""
+    plain = mode in ("compile-unfused", "compile-matmul-attn")
+    return SpeedConfig(
+        attention_kernel=not plain,
+        small_gemm=not plain and mode != "compile-cublas",
+        fused_projections=mode not in ("eager", "drop-cam", "compile-unfused"),
+        compile=mode.startswith("compile"),
+        cuda_graphs=mode not in ("eager", "drop-cam"),
+    )
+
+
 def bench_inference(
     model: PI0,
     device: torch.device,
@@ -147,14 +164,14 @@ def bench_inference(
     """mode: eager; drop-cam (the always-masked camera left out, as LiberoPolicy does); graph (drop-cam replayed
     as one CUDA graph, with the action expert's stacked q/k/v and gate/up projections; capture time and the max
     difference to plain eager sampling are reported); compile (graph, with every transformer block torch.compiled
-    first; capture time includes compilation). For A/B runs: compile-unfused (neither stacked projections nor the
-    Triton suffix attention, session 2's state), compile-matmul-attn (stacked projections, matmul attention) and
-    compile-cublas (cuBLAS and separate elementwise kernels instead of `small_gemm`'s fused GEMMs).
-    The compile modes compile the model's blocks in place, so run them last."""
+    first; capture time includes compilation). For A/B runs: compile-unfused (no stacked projections and no Triton
+    kernels), compile-matmul-attn (stacked projections, reference attention, no fused GEMMs) and compile-cublas
+    (cuBLAS and separate elementwise kernels instead of `small_gemm`'s fused GEMMs); `speed_config` gives each
+    mode's speed paths. Off CUDA every mode samples eagerly."""
     cfg = model.config
     model.eval()
-    kernels.ENABLED = mode not in ("compile-unfused", "compile-matmul-attn")
-    small_gemm.ENABLED = mode not in ("compile-unfused", "compile-matmul-attn", "compile-cublas")
+    config = speed_config(mode) if device.type == "cuda" else SpeedConfig(fused_projections=False)
+    apply_speed_paths(model, config)
     rows = []
     for b in batches:
         obs = observation(cfg, b).to(device)
@@ -167,11 +184,10 @@ def bench_inference(
         row: Row = {"mode": mode, "batch": b, "tflop_per_call": flops / 1e12}
         noise = torch.randn(b, cfg.action_horizon, cfg.action_dim, device=device)
         sample = partial(model.sample_actions, obs, noise=noise, num_steps=NUM_STEPS)
-        if mode not in ("eager", "drop-cam") and device.type == "cuda":
-            model.llm.unfuse_projections()
-            with kernels.disabled():
-                reference = sample()  # plain eager: separate projections, matmul attention
-            graphed = CUDAGraphSampler(model, compile=mode.startswith("compile"), fuse=mode != "compile-unfused")
+        if config.cuda_graphs:
+            with disabled(model):
+                reference = sample()  # plain eager: separate projections, reference attention
+            graphed = apply_speed_paths(model, config)  # a new runner: its first call captures
             start = time.perf_counter()
             out = graphed(obs, noise, NUM_STEPS)
             torch.cuda.synchronize(device)
@@ -232,8 +248,7 @@ def apply_checkpointing(model: PI0, spec: str) -> None:
     the first N Gemma layers)."""
     if spec not in ("off", "on") and not (spec.startswith("llm") and spec[3:].isdigit()):
         raise ValueError(f"checkpointing must be off, on or llmN, got {spec!r}")
-    model.vision.gradient_checkpointing = spec != "off"
-    model.llm.gradient_checkpointing = {"off": False, "on": True}[spec] if spec in ("off", "on") else int(spec[3:])
+    set_activation_checkpointing(model, spec != "off", int(spec[3:]) if spec.startswith("llm") else None)
 
 
 def bench_training(

@@ -26,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 from pi0_lightning.benchmarks.cpu import observation
 from pi0_lightning.checkpoint import build_model
 from pi0_lightning.model.config import PI0Config
-from pi0_lightning.model.graphs import compile_blocks
+from pi0_lightning.model.speed import SpeedConfig, apply_speed_paths
 
 STEPS = 10
 SUFFIX_MARKER = "_small_linear"
@@ -79,9 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda")
     cfg = PI0Config.variant(args.variant)
     model = build_model(cfg, device=device).apply_dtype_policy("bfloat16").eval()
-    if args.compile:
-        compile_blocks(model)
-        model.llm.fuse_projections()  # as CUDAGraphSampler does
+    # the inference paths (kernels, stacked weights), compiled blocks with --compile, as the rollout policy runs them
+    apply_speed_paths(model, SpeedConfig(compile=args.compile))
     obs = observation(cfg, args.batch).to(device)
     obs.images.pop("right_wrist_0_rgb")
     obs.image_masks.pop("right_wrist_0_rgb")

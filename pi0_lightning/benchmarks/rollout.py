@@ -74,6 +74,7 @@ def build_policy(args: argparse.Namespace, instructions: list[str]):
     from pi0_lightning.envs.spec import identity_norm_stats
     from pi0_lightning.model.config import PI0Config
     from pi0_lightning.model.graphs import use_tf32
+    from pi0_lightning.model.speed import SpeedConfig
     from pi0_lightning.policy.assets import small_prompt_tokenizer
     from pi0_lightning.policy.libero import LiberoPolicy
 
@@ -92,8 +93,7 @@ def build_policy(args: argparse.Namespace, instructions: list[str]):
         delta_actions=True,
         num_steps=args.denoise_steps,
         device=args.device,
-        cuda_graphs=cuda,
-        compile=cuda and args.compile,
+        speed=SpeedConfig(cuda_graphs=True, compile=args.compile) if cuda else None,
     )
     params = sum(p.numel() for p in model.parameters())
     print(f"model {args.variant} ({params / 1e9:.2f} B parameters) on {args.device}, compile={cuda and args.compile}")

@@ -33,6 +33,7 @@ class MLflowLogger(MLFlowLogger):
         run_file: str | None = None,
         tags: dict[str, str] | None = None,
         artifact_location: str | None = None,
+        save_dir: str | None = None,
     ):
         """
         Args:
@@ -44,6 +45,8 @@ class MLflowLogger(MLFlowLogger):
                 <trainer root dir>/checkpoints/mlflow_run.json).
             tags: extra run tags.
             artifact_location: where new experiments store artifacts (default: next to the database).
+            save_dir: the run's local directory (`trainer.log_dir`: the resolved config.yaml lands there); default:
+                the trainer's root directory, filled in by `pi0-lightning`.
         """
         uri = tracking_uri or default_tracking_uri(db)
         run_id = None
@@ -62,3 +65,8 @@ class MLflowLogger(MLFlowLogger):
             artifact_location=artifact_location,
         )
         self.run_file = run_file
+        self._local_dir = save_dir
+
+    @property
+    def save_dir(self) -> str | None:
+        return self._local_dir if self._local_dir is not None else super().save_dir

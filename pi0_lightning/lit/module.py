@@ -22,6 +22,7 @@ import lightning as L
 import torch
 
 from pi0_lightning.checkpoint import export_pretrained, is_fast, load_or_init
+from pi0_lightning.model.speed import SpeedConfig, apply_speed_paths, set_activation_checkpointing
 from pi0_lightning.model.trainable import TrainableMode, set_trainable
 from pi0_lightning.policy.loading import PolicyAssets, resolve_assets
 from pi0_lightning.rl.algorithm import check_algorithm, default_algorithm
@@ -101,6 +102,8 @@ class PI0RLModule(L.LightningModule):
         self.model: torch.nn.Module | None = None
         self.assets: PolicyAssets | None = None
         self._policy = None
+        self.speed: SpeedConfig | None = None
+        """The speed paths installed in `setup` (`model/speed.py`); None = the reference model as built."""
         self._generator = torch.Generator().manual_seed(seed)
         self.val_metrics: torch.nn.ModuleList | None = None
         self.val_episodes: list = []
@@ -115,24 +118,28 @@ class PI0RLModule(L.LightningModule):
         self.algorithm.prepare_model(model)
         model.apply_dtype_policy(hp.model_dtype)
         set_trainable(model, hp.trainable, hp.lora_rank, hp.lora_alpha)
-        layers = hp.checkpoint_layers if hp.checkpoint_layers is not None else True
-        model.llm.gradient_checkpointing = layers if hp.activation_checkpointing else False
-        model.vision.gradient_checkpointing = hp.activation_checkpointing
+        set_activation_checkpointing(model, hp.activation_checkpointing, hp.checkpoint_layers)
         self.model = model
 
     def setup(self, stage: str) -> None:
         from pi0_lightning.lit.strategies import uses_fsdp
 
         self.configure_model()
+        hp = self.hparams
         trainer = self.trainer if self._trainer is not None else None
-        # setup() runs before the model is moved: ask the strategy where it goes
-        if self.hparams.compile and trainer and trainer.strategy.root_device.type == "cuda" and not uses_fsdp(trainer):
-            from pi0_lightning.model.graphs import compile_blocks
-
-            compile_blocks(self.model)
+        # setup() runs before the model is moved: ask the strategy where it goes. Stacked weights and CUDA graphs
+        # only outside FSDP (its gathered parameters are freed after each rollout); kernels only act on CUDA
+        gpu = trainer is not None and trainer.strategy.root_device.type == "cuda" and not uses_fsdp(trainer)
+        self.speed = SpeedConfig(
+            fused_projections=gpu and hp.cuda_graphs,
+            cuda_graphs=gpu and hp.cuda_graphs,
+            compile=gpu and hp.compile,
+            activation_checkpointing=hp.activation_checkpointing,
+            checkpoint_layers=hp.checkpoint_layers,
+        )
+        apply_speed_paths(self.model, self.speed)
         dm = trainer.datamodule if trainer is not None else None
         spec = getattr(dm, "spec", None)
-        hp = self.hparams
         self.assets = resolve_assets(
             self.model,
             hp.checkpoint,
@@ -153,11 +160,7 @@ class PI0RLModule(L.LightningModule):
         """The current model as a chunk policy (same weights, no copy), built by the algorithm; `setting` is the CFG
         weight (PI0) or the decoding temperature (PI0-FAST), None = the training-rollout one."""
         if self._policy is None:
-            from pi0_lightning.lit.strategies import uses_fsdp
-
-            # gathered FSDP parameters are freed after each rollout: captured graphs would point at freed memory
-            graphs = self.hparams.cuda_graphs and self.device.type == "cuda" and not uses_fsdp(self._trainer)
-            self._policy = self.algorithm.build_policy(self.model, self.assets, self.device, graphs)
+            self._policy = self.algorithm.build_policy(self.model, self.assets, self.device, self.speed)
         self._policy.device = self.device
         value = self.algorithm.rollout_setting() if setting is None else setting
         self.algorithm.configure_policy(self._policy, value)

@@ -1,8 +1,8 @@
 """Stacked projections for inference: several Linear layers that read the same input run as one GEMM.
 
-Used for the action expert's q/k/v and gate/up (`gemma.py`). At batch 1 these GEMMs are small, so one launch instead
-of two or three saves more than the extra copy of the weights costs. (Stacking PaliGemma's or SigLIP's projections
-too gained nothing measurable on an H100: BENCHMARKS.md.)
+Used for the action expert's q/k/v and gate/up (installed by `speed.py`). At batch 1 these GEMMs are small, so one
+launch instead of two or three saves more than the extra copy of the weights costs. (Stacking PaliGemma's or
+SigLIP's projections too gained nothing measurable on an H100: BENCHMARKS.md.)
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pi0_lightning.model.gemma import ExpertLayer
 
 
 class FusedWeight:
@@ -60,13 +62,46 @@ class FusedWeight:
         return F.linear(x, self.weight).split(self.sizes, dim=-1)
 
 
-def project(linears: Sequence[nn.Linear], fused: FusedWeight | None, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """All `linears` applied to x: one stacked GEMM at inference when fused, separate ones when training."""
-    if fused is not None and not torch.is_grad_enabled():
-        return fused(x)
-    return tuple(lin(x) for lin in linears)
-
-
 def fusable(linears: Sequence[nn.Module]) -> bool:
     """Plain bias-free Linear layers only: LoRA-adapted ones compute more than their weight."""
     return all(type(lin) is nn.Linear and lin.bias is None for lin in linears)
+
+
+class ExpertStack:
+    """One expert's stacked inference weights: q/k/v and gate/up, and with `fold_norms` (plain norms only: PI0.5's
+    adaptive norms change per denoising step) the same with the norms' (1 + w) folded in, for `small_gemm`."""
+
+    def __init__(self, expert: ExpertLayer, fold_norms: bool):
+        self.expert = expert
+        self.fold_norms = fold_norms
+        qkv, gate_up = self.sources(expert)
+        self.qkv, self.gate_up = FusedWeight(qkv), FusedWeight(gate_up)
+        self.folded_qkv = self.folded_gate_up = None
+        if fold_norms and expert.attn_norm.dense is None and expert.ffn_norm.dense is None:
+            self.folded_qkv = FusedWeight(qkv, norm_weight=expert.attn_norm.weight)
+            self.folded_gate_up = FusedWeight(gate_up, norm_weight=expert.ffn_norm.weight)
+
+    @staticmethod
+    def sources(expert: ExpertLayer) -> tuple[list[nn.Module], list[nn.Module]]:
+        return [expert.q_proj, expert.k_proj, expert.v_proj], [expert.mlp.gate_proj, expert.mlp.up_proj]
+
+    @classmethod
+    def build(cls, expert: ExpertLayer, fold_norms: bool) -> ExpertStack | None:
+        """The stack, or None for LoRA-adapted layers (they compute more than their weight)."""
+        qkv, gate_up = cls.sources(expert)
+        return cls(expert, fold_norms) if fusable(qkv + gate_up) else None
+
+    def current(self) -> ExpertStack | None:
+        """This stack brought up to date with its parameters, or (a projection was replaced after stacking, e.g. by
+        a LoRA adapter) a new one or None."""
+        qkv, gate_up = self.sources(self.expert)
+        if self.qkv.linears != qkv or self.gate_up.linears != gate_up:
+            return self.build(self.expert, self.fold_norms)
+        for fused in (self.qkv, self.gate_up, self.folded_qkv, self.folded_gate_up):
+            if fused is not None:
+                fused.refresh()
+        return self
+
+    def gemms_fusable(self) -> bool:
+        """o_proj and down_proj are plain Linear layers, so `small_gemm` may run them from their weights."""
+        return fusable((self.expert.o_proj, self.expert.mlp.down_proj))

@@ -3,7 +3,7 @@
 Each depth is one `JointLayer` holding one `ExpertLayer` per expert (0 = PaliGemma, 1 = action expert). Every expert
 normalises and projects its own tokens; queries, keys and values of all experts are concatenated along the sequence
 and attend jointly; each expert then applies its own output projection and MLP to its own slice. `JointLayer` is the
-unit for FSDP wrapping and activation checkpointing.
+unit for FSDP wrapping, activation checkpointing and compilation.
 
 Numerics (openpi, verified against its JAX code by the parity tests):
 - RMSNorm normalises in float32 and scales by (1 + w); PI0.5's action expert uses adaptive RMSNorm
@@ -12,6 +12,10 @@ Numerics (openpi, verified against its JAX code by the parity tests):
 - Attention masks are additive with openpi's finite `-2.3819763e38`, so fully masked rows (padding, masked cameras)
   give a uniform softmax exactly as in JAX instead of NaNs.
 - GeGLU with tanh GELU; index 0 of openpi's `gating_einsum` is the gated branch (`gate_proj`).
+
+This module is the reference maths only. The inference speed paths (stacked projections, the Triton attention kernel,
+fused few-row GEMMs) and activation checkpointing replace three named hook points of `JointLayer` from outside
+(`speed.py`): `project_qkv`, `mlp` and `attention`.
 """
 
 from __future__ import annotations
@@ -22,9 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pi0_lightning.model import kernels, small_gemm
 from pi0_lightning.model.config import GemmaConfig
-from pi0_lightning.model.fused import FusedWeight, fusable, project
 
 BIG_NEG = -2.3819763e38
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
@@ -85,12 +87,9 @@ class GeGLU(nn.Module):
         self.gate_proj = nn.Linear(width, mlp_dim, bias=False)
         self.up_proj = nn.Linear(width, mlp_dim, bias=False)
         self.down_proj = nn.Linear(mlp_dim, width, bias=False)
-        self.fused: FusedWeight | None = None  # gate and up in one GEMM at inference (JointGemma.fuse_projections)
-        self.folded: FusedWeight | None = None  # the same with the norm folded in (ExpertLayer.folded_qkv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = project((self.gate_proj, self.up_proj), self.fused, x)
-        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
 
 
 class ExpertLayer(nn.Module):
@@ -106,46 +105,12 @@ class ExpertLayer(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.width, bias=False)
         self.ffn_norm = RMSNorm(cfg.width, eps, cond_dim)
         self.mlp = GeGLU(cfg.width, cfg.mlp_dim)
-        self.fused_qkv: FusedWeight | None = None  # q, k and v in one GEMM at inference
-        # the same with the plain norms' (1 + w) folded in, for small_gemm's few-row GEMMs (PI0; PI0.5's adaptive
-        # norms change per denoising step and cannot be folded)
-        self.folded_qkv: FusedWeight | None = None
-
-    def _fusable(self) -> tuple[tuple[nn.Linear, ...], tuple[nn.Linear, ...]]:
-        return (self.q_proj, self.k_proj, self.v_proj), (self.mlp.gate_proj, self.mlp.up_proj)
-
-    def fuse_projections(self) -> bool:
-        """Stack q/k/v and gate/up for inference (see `FusedWeight`); False (nothing fused) for LoRA-adapted layers."""
-        qkv, gate_up = self._fusable()
-        if not fusable((*qkv, *gate_up)):
-            self.unfuse()
-            return False
-        self.fused_qkv, self.mlp.fused = FusedWeight(qkv), FusedWeight(gate_up)
-        if self.attn_norm.dense is None and self.ffn_norm.dense is None:
-            self.folded_qkv = FusedWeight(qkv, norm_weight=self.attn_norm.weight)
-            self.mlp.folded = FusedWeight(gate_up, norm_weight=self.ffn_norm.weight)
-        return True
-
-    def unfuse(self) -> None:
-        self.fused_qkv = self.mlp.fused = self.folded_qkv = self.mlp.folded = None
-
-    def refresh_fusions(self) -> None:
-        if self.fused_qkv is None or self.mlp.fused is None:
-            return
-        qkv, gate_up = self._fusable()
-        if self.fused_qkv.linears != list(qkv) or self.mlp.fused.linears != list(gate_up):
-            self.fuse_projections()  # a projection was replaced (e.g. by a LoRA adapter) after fusing
-            return
-        for fused in (self.fused_qkv, self.mlp.fused, self.folded_qkv, self.mlp.folded):
-            if fused is not None:
-                fused.refresh()
 
 
 SMALL_ATTENTION = 1 << 22
-"""Inference attention with at most this many scores (batch * heads * queries * keys) runs as the Triton kernel (bf16
-on CUDA) or as two grouped matmuls around a float32 softmax, instead of SDPA: at batch 1 SDPA's fixed cost dominates
-(measured on an H100 for the prefix pass, 8 heads x 560 tokens: SDPA 18.93 ms per batch-1 call, the matmul path
-18.18, the kernel 0.17 ms less than the matmul path; BENCHMARKS.md)."""
+"""Attention without gradients with at most this many scores (batch * heads * queries * keys) runs as two grouped
+matmuls around a float32 softmax instead of SDPA: at batch 1 SDPA's fixed cost dominates (measured on an H100 for
+the prefix pass, 8 heads x 560 tokens: SDPA 18.93 ms per batch-1 call, the matmul path 18.18; BENCHMARKS.md)."""
 
 
 def attention(
@@ -155,32 +120,19 @@ def attention(
     mask: torch.Tensor,
     num_kv_heads: int,
     cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Grouped-query attention: q (B, H, T, D), k / v (B, KV, S, D), additive mask (B, 1, T, S_cache + S) ->
     (B, H, T, D). Query head i reads key/value head i // (H / KV), as SDPA's `enable_gqa`. `cache`: keys and values
-    (B, KV, S_cache, D) of earlier tokens, which come before k / v. `rope`: (cos, sin) tables when q and k are not
-    rotated yet (the kernel rotates them as it loads them; other paths first).
+    (B, KV, S_cache, D) of earlier tokens, which come before k / v.
 
-    Inference in bf16 on CUDA with several queries against a cache (the denoising steps), or without a cache up to
-    `SMALL_ATTENTION` scores (the prefix pass at small batch), runs the Triton kernel of `kernels.py`, which reads
-    the cache in place; training uses SDPA (its memory-efficient backward); other small inference shapes (float32,
-    CPU) run as two grouped matmuls around a float32 softmax."""
-    b, h, t, d = q.shape
-    tile = kernels.tiling_for(q, num_kv_heads) if t > 1 and not torch.is_grad_enabled() else None
-    if rope is not None and (cache is None or tile is None or d < kernels.MIN_ROPE_DIM):
-        qk = apply_rope(torch.cat([q, k], dim=1), *rope)  # in one pass (one fused kernel when compiled)
-        q, k = qk.split([h, k.shape[1]], dim=1)
-        rope = None
-    if cache is not None and tile is not None:
-        return kernels.cached_attention(q, cache[0], cache[1], mask, num_kv_heads, k, v, tile=tile, rope=rope)
+    Up to `SMALL_ATTENTION` scores without gradients: openpi's einsums, float32 scores and softmax, probabilities
+    rounded to v's dtype. Otherwise (training, large inputs) SDPA, whose memory-efficient backward keeps training
+    memory flat in the sequence length."""
     if cache is not None:
         k = torch.cat([cache[0], k], dim=2)
         v = torch.cat([cache[1], v], dim=2)
-    small = b * h * t * k.shape[2] <= SMALL_ATTENTION
-    if tile is not None and small:  # the prefix pass at small batch
-        return kernels.cached_attention(q, k, v, mask, num_kv_heads, tile=tile)
-    if torch.is_grad_enabled() or not small:
+    b, h, t, d = q.shape
+    if torch.is_grad_enabled() or b * h * t * k.shape[2] > SMALL_ATTENTION:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), enable_gqa=num_kv_heads != h)
     g = h // num_kv_heads
     scores = q.reshape(b, num_kv_heads, g * t, d).float() @ k.float().transpose(-1, -2) * d**-0.5
@@ -189,7 +141,8 @@ def attention(
     return (probs @ v).view(b, h, t, d)
 
 
-def _residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+def residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """x + y, or PI0.5's gated residual x + y * gate."""
     return x + y if gate is None else x + y * gate
 
 
@@ -203,6 +156,18 @@ class JointLayer(nn.Module):
         self.head_dim = configs[0].head_dim
         self.experts = nn.ModuleList(ExpertLayer(c, eps, a) for c, a in zip(configs, adarms, strict=True))
 
+    def project_qkv(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Expert i's queries, keys and values of its normalised tokens x (hook: stacked weights at inference)."""
+        expert = self.experts[i]
+        return expert.q_proj(x), expert.k_proj(x), expert.v_proj(x)
+
+    def mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert i's GeGLU MLP (hook: stacked gate/up weights at inference)."""
+        return self.experts[i].mlp(x)
+
+    attention = staticmethod(attention)
+    """The joint attention (hook: the Triton kernel at inference)."""
+
     def forward(
         self,
         hs: list[torch.Tensor | None],
@@ -215,82 +180,42 @@ class JointLayer(nn.Module):
     ) -> tuple[list[torch.Tensor | None], tuple[torch.Tensor, torch.Tensor] | None]:
         """hs: per-expert hidden states (B, T_i, D_i) or None; mask: additive (B, 1, T, S) where T = sum T_i and
         S = T plus the cached length; kv_cache: (K, V) of earlier tokens, already rotated, which are prepended.
-        Returns the new hidden states and this call's rotated (K, V) (without the cache), or None if not
-        `return_kv` and there is a cache. `kv_only` (no cache given): stop after the keys and values and return no
-        hidden states (all None), for a last layer whose outputs nothing reads."""
+        Returns the new hidden states and this call's rotated (K, V) (without the cache); a speed path may return
+        None for them when `return_kv` is False and there is a cache. `kv_only` (no cache given): stop after the
+        keys and values and return no hidden states (all None), for a last layer whose outputs nothing reads."""
         if kv_only and kv_cache is not None:
             raise ValueError("kv_only computes a cache; it takes no cache")
-        active = [h for h in hs if h is not None]
-        small = kv_cache is not None and len(active) == 1 and not torch.is_grad_enabled()
-        small = small and small_gemm.usable(active[0])
         qs, ks, vs, gates = [], [], [], []
-        for expert, h, cond in zip(self.experts, hs, conds, strict=True):
+        for i, (expert, h, cond) in enumerate(zip(self.experts, hs, conds, strict=True)):
             if h is None:
                 gates.append(None)
                 continue
             b, t, _ = h.shape
-            if small and expert.folded_qkv is not None and self._fused_gemms(expert):
-                folded = expert.folded_qkv
-                q, k, v = small_gemm.linear(h, folded.weight, rms_eps=expert.attn_norm.eps).split(folded.sizes, -1)
-                gates.append(None)
-            else:
-                x, gate = expert.attn_norm(h, cond)
-                gates.append(gate)
-                q, k, v = project((expert.q_proj, expert.k_proj, expert.v_proj), expert.fused_qkv, x)
+            x, gate = expert.attn_norm(h, cond)
+            gates.append(gate)
+            q, k, v = self.project_qkv(i, x)
             qs.append(q.view(b, t, self.num_heads, self.head_dim))
             ks.append(k.view(b, t, self.num_kv_heads, self.head_dim))
             vs.append(v.view(b, t, self.num_kv_heads, self.head_dim))
-        cos, sin = rope
-        if kv_cache is None or len(qs) > 1:  # this call's keys and values become a cache: compact tensors
-            k = apply_rope(torch.cat(ks, 1).transpose(1, 2), cos, sin)
-            v = torch.cat(vs, 1).transpose(1, 2)
-            if kv_only:
-                return [None] * len(hs), (k, v)
-            q = apply_rope(torch.cat(qs, 1).transpose(1, 2), cos, sin)
-            out = attention(q, k, v, mask, self.num_kv_heads, kv_cache)
-        elif return_kv:
-            # one expert against a cache, keeping this call's keys (decoding): v stays a view of its projection, and
-            # q and k are rotated in one pass (one fused kernel when compiled, instead of three with v's copy)
-            qk = apply_rope(torch.cat([qs[0], ks[0]], dim=2).transpose(1, 2), cos, sin)
-            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-            v = vs[0].transpose(1, 2)
-            out = attention(q, k, v, mask, self.num_kv_heads, kv_cache)
-        else:
-            # one expert against a cache (the denoising steps): q, k and v stay views of their projections, and
-            # attention rotates q and k (the Triton kernel as it loads them, no separate RoPE kernel)
-            q, k, v = qs[0].transpose(1, 2), ks[0].transpose(1, 2), vs[0].transpose(1, 2)
-            out = attention(q, k, v, mask, self.num_kv_heads, kv_cache, rope=rope)
-            k = v = None
-        out = out.transpose(1, 2).flatten(2)
+        # (B, heads, T, D), compact: this call's keys and values may become a cache
+        k = apply_rope(torch.cat(ks, 1).transpose(1, 2), *rope)
+        v = torch.cat(vs, 1).transpose(1, 2)
+        if kv_only:
+            return [None] * len(hs), (k, v)
+        q = apply_rope(torch.cat(qs, 1).transpose(1, 2), *rope)
+        out = self.attention(q, k, v, mask, self.num_kv_heads, kv_cache).transpose(1, 2).flatten(2)
 
         new_hs: list[torch.Tensor | None] = []
         start = 0
-        for expert, h, cond, gate in zip(self.experts, hs, conds, gates, strict=True):
+        for i, (expert, h, cond, gate) in enumerate(zip(self.experts, hs, conds, gates, strict=True)):
             if h is None:
                 new_hs.append(None)
                 continue
             o_in, start = out[:, start : start + h.shape[1]], start + h.shape[1]
-            if small and self._fused_gemms(expert):
-                # few rows against a cache (batch-1 denoising steps): the norms, residual adds, split-K reductions
-                # and GeGLU ride in the GEMMs (`small_gemm`): 4 kernels instead of 9-11
-                h = small_gemm.linear(o_in, expert.o_proj.weight, residual=h, residual_gate=gate)
-                if expert.mlp.folded is not None:
-                    act = small_gemm.linear(h, expert.mlp.folded.weight, rms_eps=expert.ffn_norm.eps, geglu=True)
-                    gate2 = None
-                else:
-                    x, gate2 = expert.ffn_norm(h, cond)
-                    act = small_gemm.linear(x, expert.mlp.fused.weight, geglu=True)
-                new_hs.append(small_gemm.linear(act, expert.mlp.down_proj.weight, residual=h, residual_gate=gate2))
-                continue
-            h = _residual(h, expert.o_proj(o_in), gate)
-            x, gate2 = expert.ffn_norm(h, cond)
-            new_hs.append(_residual(h, expert.mlp(x), gate2))
-        return new_hs, (k, v) if k is not None else None
-
-    @staticmethod
-    def _fused_gemms(expert: ExpertLayer) -> bool:
-        """Stacked inference weights present and plain Linear layers (LoRA adapters compute more than a weight)."""
-        return expert.mlp.fused is not None and fusable((expert.o_proj, expert.mlp.down_proj))
+            h = residual(h, expert.o_proj(o_in), gate)
+            x, gate = expert.ffn_norm(h, cond)
+            new_hs.append(residual(h, self.mlp(i, x), gate))
+        return new_hs, (k, v)
 
 
 class JointGemma(nn.Module):
@@ -307,33 +232,6 @@ class JointGemma(nn.Module):
         self.norms = nn.ModuleList(
             RMSNorm(c.width, eps, c.width if a else None) for c, a in zip(configs, adarms, strict=True)
         )
-        # activation checkpointing during training, set by the trainer: True = every JointLayer, an int N = the
-        # first N (trading memory for recompute time layer by layer)
-        self.gradient_checkpointing: bool | int = False
-
-    def fuse_projections(self, experts: Sequence[int] = (1,)) -> int:
-        """Run q/k/v and gate/up of the given experts as one GEMM each at inference (training is unchanged).
-
-        Costs one extra copy of those weights (the 300M action expert: ~0.3 GB in bf16; PaliGemma ~2.6 GB), and for
-        experts with plain norms a second one with the norms folded in, for `small_gemm` (action expert: ~0.4 GB).
-        The copies follow the parameters automatically. Returns how many layers were fused."""
-        return sum(layer.experts[i].fuse_projections() for layer in self.layers for i in experts)
-
-    def unfuse_projections(self) -> None:
-        """Drop the stacked copies (frees their memory); inference uses the separate projections again."""
-        for layer in self.layers:
-            for expert in layer.experts:
-                expert.unfuse()
-
-    def refresh_fusions(self) -> None:
-        """Bring every fused weight up to date with its parameters (a no-op when none changed)."""
-        for layer in self.layers:
-            for expert in layer.experts:
-                expert.refresh_fusions()
-
-    def _checkpointed(self, layer: int) -> bool:
-        gc = self.gradient_checkpointing
-        return gc is True or (type(gc) is int and layer < gc)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         table = self.embed_tokens.weight
@@ -382,20 +280,12 @@ class JointGemma(nn.Module):
         if cache_only and (not return_kv or kv_cache is not None):
             raise ValueError("cache_only needs return_kv=True and no kv_cache")
         conds = conds if conds is not None else [None] * len(self.configs)
-        if not torch.is_grad_enabled():
-            self.refresh_fusions()
         dtype = self.layers[0].experts[0].q_proj.weight.dtype
         hs = [h.to(dtype) if h is not None else None for h in hs]
         cache_out: KVCache = []
         for i, layer in enumerate(self.layers):
             cache_i = kv_cache[i] if kv_cache is not None else None
-            kv_only = cache_only and i == len(self.layers) - 1
-            if self._checkpointed(i) and self.training and torch.is_grad_enabled():
-                hs, kv = torch.utils.checkpoint.checkpoint(
-                    layer, hs, rope, amask, conds, cache_i, True, kv_only, use_reentrant=False
-                )
-            else:
-                hs, kv = layer(hs, rope, amask, conds, cache_i, return_kv, kv_only)
+            hs, kv = layer(hs, rope, amask, conds, cache_i, return_kv, cache_only and i == len(self.layers) - 1)
             if return_kv:
                 cache_out.append(kv)
         if final_norms and not cache_only:

@@ -1,9 +1,10 @@
-"""`sample_actions` captured as one CUDA graph per input signature, replayed with new inputs.
+"""`sample_actions` (PI0) and PI0-FAST's decoding steps captured as CUDA graphs, replayed with new inputs.
 
 At small batch an eager PI0 call is host-bound: hundreds of small kernels per Euler step. Capturing the whole call
 (prefix pass, 10 denoise steps) once and replaying it removes the launch overhead. Inputs are copied into static
 buffers captured with the graph; parameters are referenced by address, so in-place optimizer updates (AdamW) are
 seen by later replays, while re-allocating parameters (`.to()`, `load_state_dict(assign=True)`) needs `reset()`.
+The graph runners are built by `speed.apply_speed_paths`, which installs the model's other speed paths first.
 """
 
 from __future__ import annotations
@@ -55,9 +56,9 @@ class _Captured:
         with torch.cuda.graph(self.graph), torch.no_grad():
             self.out = model.sample_actions(self.obs, noise=self.noise, num_steps=num_steps, guidance=guidance)
 
-    def __call__(self, obs: Observation, noise: torch.Tensor) -> torch.Tensor:
+    def __call__(self, obs: Observation, noise: torch.Tensor, before_replay: Callable[[], None]) -> torch.Tensor:
         _copy_into(self.obs, obs)
-        self.model.llm.refresh_fusions()  # the replay reads the stacked weights, not the (maybe updated) parameters
+        before_replay()
         self.noise.copy_(noise, non_blocking=True)
         self.graph.replay()
         return self.out.clone()
@@ -70,70 +71,17 @@ def use_tf32() -> None:
         torch.set_float32_matmul_precision("high")
 
 
-RECOMPILE_LIMIT = 64
-"""Compiled variants allowed per block class (see `compile_blocks`)."""
-
-
-def compile_blocks(model: torch.nn.Module) -> int:
-    """torch.compile every transformer block (Gemma JointLayers, SigLIP blocks) in place, static shapes.
-
-    Per block rather than the whole model: all blocks of a tower share one compiled graph per input shape (their
-    parameters are graph inputs), so compilation costs one block's worth per shape instead of the unrolled
-    18-layer stack; inductor fuses the norms, RoPE, residual gates, GeGLU and dtype casts around the matmuls.
-    Returns the number of blocks compiled (already-compiled ones are skipped).
-
-    All blocks of a class share one code object, and dynamo caps the compiled variants per code object (8 by
-    default): prefix and suffix shapes per batch size, CFG's doubled batch, training versus inference and stacked
-    versus separate projections add up past that, after which blocks silently run eager (measured: batch 1 went from
-    23 to 40 ms). The cap is raised to `RECOMPILE_LIMIT`.
-
-    A PI0 model also gets its per-denoising-step work around the layers compiled (`PI0.compile_denoise_step`)."""
-    import torch._dynamo.config
-
-    from pi0_lightning.model.gemma import JointLayer
-    from pi0_lightning.model.siglip import SiglipBlock
-
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    count = 0
-    for module in model.modules():
-        if isinstance(module, (JointLayer, SiglipBlock)) and getattr(module, "_compiled_call_impl", None) is None:
-            module.compile(dynamic=False, backend=_inductor_recomputing)
-            count += 1
-        elif isinstance(module, PI0):
-            module.compile_denoise_step()
-    return count
-
-
-def _inductor_recomputing(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
-    """Inductor, with AOTAutograd's partitioner allowed to recompute in the backward the pointwise results that feed
-    a matmul there (GeGLU's `gelu(gate) * up`, the norms' outputs) instead of saving them. Its default forbids that;
-    for a full-size Gemma layer at batch 16 in training this cuts the saved activations from 1.56 to 1.01 GiB with
-    identical results (measured on an H100, BENCHMARKS.md), so fewer layers need activation checkpointing. Scoped
-    to the blocks, not set process-wide."""
-    import torch._functorch.config as functorch_config
-    from torch._inductor.compile_fx import compile_fx
-
-    with functorch_config.patch(ban_recompute_materialized_backward=False):
-        return compile_fx(gm, example_inputs)  # the forward/backward partition happens inside this call
-
-
 class CUDAGraphSampler:
-    """Drop-in for `model.sample_actions(obs, noise, num_steps, guidance)` on CUDA; one graph per signature.
+    """Drop-in for `model.sample_actions(obs, noise, num_steps, guidance)` on CUDA; one graph per signature. Off
+    CUDA it samples eagerly.
 
-    With `fuse` (default), the action expert's q/k/v and gate/up projections run as one GEMM each at inference
-    (`JointGemma.fuse_projections`: ~0.3 GB of stacked weights for full-size PI0, kept in step with the parameters
-    before every replay; ~0.7 GB with the norm-folded copies of `small_gemm`). With `compile`, the transformer blocks
-    are compiled first (`compile_blocks`): fewer, fused kernels inside the captured graph. The first call per
-    signature then includes compilation (tens of seconds)."""
+    `before_replay` runs before every replay: the replay reads inference-time copies of weights (stacked
+    projections) where the eager call would bring them up to date with the parameters first."""
 
-    def __init__(self, model: PI0, compile: bool = False, fuse: bool = True):
+    def __init__(self, model: PI0, before_replay: Callable[[], None] = lambda: None):
         self.model = model
+        self.before_replay = before_replay
         self._graphs: dict[tuple, _Captured] = {}
-        if fuse:
-            # the 10x-repeated suffix; stacking PaliGemma's or SigLIP's projections gained nothing measurable
-            model.llm.fuse_projections(experts=(1,))
-        if compile:
-            compile_blocks(model)
 
     def __call__(
         self, obs: Observation, noise: torch.Tensor, num_steps: int = 10, guidance: float | None = None
@@ -143,7 +91,7 @@ class CUDAGraphSampler:
         key = _signature(obs, noise, num_steps, guidance)
         if key not in self._graphs:
             self._graphs[key] = _Captured(self.model, obs, noise, num_steps, guidance)
-        return self._graphs[key](obs, noise)
+        return self._graphs[key](obs, noise, self.before_replay)
 
     def reset(self) -> None:
         self._graphs.clear()

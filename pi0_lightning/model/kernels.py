@@ -21,21 +21,20 @@ flash-decoding scheme, in two kernels:
 Deliberate difference from openpi's numerics: openpi normalises the probabilities and rounds them to bf16 before the
 value einsum; here the unnormalised `exp(s - chunk max)` (in [0, 1]) is rounded to bf16 and the normalisation
 happens in float32 at the end. Both round each probability once to bf16 (relative error 2^-9); outputs agree to
-bf16 rounding (tested on CUDA), not bit for bit. Inference only (no backward); CUDA only; used by
-`gemma.attention` when Triton is importable, up to `MAX_PAIRS`. The tilings were tuned on an H100 only; other GPUs
+bf16 rounding (tested on CUDA), not bit for bit. Inference only (no backward); CUDA only; `attention` runs it in
+place of `gemma.attention` where it applies (Triton importable, up to `MAX_PAIRS`), installed as the Gemma layers'
+attention by `speed.py`. The tilings were tuned on an H100 only; other GPUs
 get them where their shared memory allows (`tiling`).
 """
 
 from __future__ import annotations
 
-import os
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
-from types import ModuleType
 
 import torch
+
+from pi0_lightning.model import gemma
 
 try:
     import triton
@@ -223,20 +222,14 @@ if triton is not None:
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
 
-ENABLED = os.environ.get("PI0_LIGHTNING_ATTENTION_KERNEL", "1") != "0"
-"""Switch for A/B measurements and debugging (environment variable PI0_LIGHTNING_ATTENTION_KERNEL=0): False sends
-every call back to the matmul path."""
-
-
 def tiling_for(q: torch.Tensor, num_kv_heads: int) -> Tiling | None:
-    """The tiling `gemma.attention` runs `cached_attention` with, or None for the matmul path: Triton present,
+    """The tiling `attention` runs `cached_attention` with, or None for the matmul path: Triton present,
     bf16/fp16 on CUDA (float32 models keep the exact matmul path), a power-of-two head dimension, at most `MAX_PAIRS`
     batch x kv-head pairs, and a tiling that fits the device."""
     d = q.shape[-1]
     pairs = q.shape[0] * num_kv_heads
     usable = (
-        ENABLED
-        and triton is not None
+        triton is not None
         and q.is_cuda
         and q.dtype in (torch.bfloat16, torch.float16)
         and d >= 16
@@ -244,18 +237,6 @@ def tiling_for(q: torch.Tensor, num_kv_heads: int) -> Tiling | None:
         and pairs <= MAX_PAIRS
     )
     return tiling(pairs, d, q.device, rows=q.shape[1] // num_kv_heads * q.shape[2]) if usable else None
-
-
-@contextmanager
-def disabled(module: ModuleType | None = None) -> Iterator[None]:
-    """The fallback path for everything inside (A/B measurements, references in tests): a kernel module's `ENABLED`
-    switch (this module's by default) is off inside and restored after."""
-    module = module or sys.modules[__name__]
-    enabled, module.ENABLED = module.ENABLED, False
-    try:
-        yield
-    finally:
-        module.ENABLED = enabled
 
 
 def cached_attention(
@@ -269,11 +250,11 @@ def cached_attention(
     tile: Tiling | None = None,
     rope: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Grouped-query attention as `gemma.attention`: q (B, H, T, D), k / v (B, KV, S, D), additive mask (B, 1, T,
-    S + S_new) -> (B, H, T, D) in q's dtype. `k_new` / `v_new` (B, KV, S_new, D), if given, are keys and values after
-    k / v (the cache), read where they are instead of concatenated. The last dimension of every input must be
-    contiguous. The output is a transposed view of a contiguous (B, T, H, D) tensor, so that the model's following
-    `.transpose(1, 2).flatten(2)` costs no copy. `tile`: the tiling, by default
+    """Grouped-query attention as `gemma.attention`, always by the kernel: q (B, H, T, D), k / v (B, KV, S, D),
+    additive mask (B, 1, T, S + S_new) -> (B, H, T, D) in q's dtype. `k_new` / `v_new` (B, KV, S_new, D), if given,
+    are keys and values after k / v (the cache), read where they are instead of concatenated. The last dimension of
+    every input must be contiguous. The output is a transposed view of a contiguous (B, T, H, D) tensor, so that the
+    model's following `.transpose(1, 2).flatten(2)` costs no copy. `tile`: the tiling, by default
     `tiling(B * KV, D, device)`. `rope`: the (cos, sin) tables (B, 1, T, D / 2) of `gemma.rope_tables` when q and
     `k_new` are not rotated yet: the kernel rotates them as it loads them (the cache must be rotated already)."""
     b, h, t, d = q.shape
@@ -326,3 +307,38 @@ def cached_attention(
             NSPLIT=nsplit, D=d, BLOCK_M=combine_m, BLOCK_D=combine_d,
         )  # fmt: skip
     return out
+
+
+def rotate_qk(
+    q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k rotated by `gemma.apply_rope` in one pass (one fused kernel when compiled, instead of two)."""
+    qk = gemma.apply_rope(torch.cat([q, k], dim=1), *rope)
+    return qk.split([q.shape[1], k.shape[1]], dim=1)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    num_kv_heads: int,
+    cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """`gemma.attention` with this kernel where it applies: inference in bf16 on CUDA with several queries against
+    a cache (the denoising steps; the cache is read in place), or without a cache up to `gemma.SMALL_ATTENTION`
+    scores (the prefix pass at small batch). Everything else goes to `gemma.attention`. `rope`: (cos, sin) tables
+    when q and k are not rotated yet; the kernel rotates them as it loads them, other paths first."""
+    b, h, t, d = q.shape
+    tile = tiling_for(q, num_kv_heads) if t > 1 and not torch.is_grad_enabled() else None
+    if rope is not None and (cache is None or tile is None or d < MIN_ROPE_DIM):
+        q, k = rotate_qk(q, k, rope)
+        rope = None
+    if tile is None:
+        return gemma.attention(q, k, v, mask, num_kv_heads, cache)
+    if cache is not None:
+        return cached_attention(q, cache[0], cache[1], mask, num_kv_heads, k, v, tile=tile, rope=rope)
+    if b * h * t * k.shape[2] <= gemma.SMALL_ATTENTION:
+        return cached_attention(q, k, v, mask, num_kv_heads, tile=tile)
+    return gemma.attention(q, k, v, mask, num_kv_heads)

@@ -12,6 +12,10 @@ u = eps - a, t ~ Beta(1.5, 1) * 0.999 + 0.001. Sampling integrates 10 Euler step
 (t accumulated in float32 as openpi does), reusing the prefix keys/values computed once per call.
 
 `forward` returns the unreduced per-element loss (B, H, action_dim); reduction and weighting belong to the RL loss.
+
+The model is the reference maths; speed paths are installed from outside (`speed.apply_speed_paths`). Besides the
+Gemma layers' hook points, compilation replaces `suffix_tokens` and `euler_update`, the per-step work of
+`sample_actions` around the layers, on the instance.
 """
 
 from __future__ import annotations
@@ -407,7 +411,7 @@ class PI0(nn.Module):
         v_null, v_pos = v.view(-1, repeats, *v.shape[1:]).unbind(1)
         return v_null + guidance * (v_pos - v_null)
 
-    def _euler_update(
+    def euler_update(
         self,
         x: torch.Tensor,
         out: torch.Tensor,
@@ -416,16 +420,8 @@ class PI0(nn.Module):
         repeats: int,
         guidance: float | None,
     ) -> torch.Tensor:
+        """One Euler step x + dt * v from the action expert's last hidden states `out` (before its final norm)."""
         return x + dt * self._velocity_from(out, adarms, x.shape[1], repeats, guidance)
-
-    def compile_denoise_step(self) -> None:
-        """torch.compile the per-step work around the action expert's layers in `sample_actions`: the suffix tokens
-        and the output projection with the Euler update. Eager, they are ~60 small kernels per denoising step
-        (float32 islands, casts, concatenations); compiled, a few fused ones besides the float32 GEMMs. The layers
-        themselves are compiled per block (`graphs.compile_blocks`, which calls this)."""
-        if "suffix_tokens" not in self.__dict__:  # compiled ones shadow the methods on this instance
-            self.suffix_tokens = torch.compile(self.suffix_tokens, dynamic=False)
-            self._euler_update = torch.compile(self._euler_update, dynamic=False)
 
     @torch.no_grad()
     def sample_actions(
@@ -465,7 +461,7 @@ class PI0(nn.Module):
         for i in range(len(times)):
             cond = None if adarms is None else adarms[i]
             out = self._expert_step(ctx, x, time_embs[i], cond)
-            x = self._euler_update(x, out, cond, dt, ctx.repeats, ctx.guidance)
+            x = self.euler_update(x, out, cond, dt, ctx.repeats, ctx.guidance)
         return x
 
     # ------------------------------------------------------------------ checkpoints

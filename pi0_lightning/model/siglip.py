@@ -3,13 +3,14 @@
 Numerics follow openpi's `siglip.py`: the patch convolution and the position embedding run in float32 and the result
 is cast to the compute dtype; LayerNorm (eps 1e-6) normalises in float32; GELU is the tanh approximation; image
 tokens are *not* scaled by sqrt(width) (vanilla HF PaliGemma divides, openpi does not).
+
+`SiglipBlock` is the unit that activation checkpointing and compilation (`speed.py`) apply to from outside.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
 
 from pi0_lightning.model.config import SiglipConfig
@@ -79,8 +80,6 @@ class SiglipVision(nn.Module):
         self.blocks = nn.ModuleList(SiglipBlock(cfg, eps) for _ in range(cfg.depth))
         self.norm = LayerNorm32(cfg.width, eps=eps)
         self.head = nn.Linear(cfg.width, out_dim)
-        # activation checkpointing of each block during training; set by the trainer, not by the model
-        self.gradient_checkpointing = False
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         dtype = self.head.weight.dtype
@@ -90,7 +89,6 @@ class SiglipVision(nn.Module):
         x = F.conv2d(images.float(), w, b, stride=self.cfg.patch_size)
         x = x.flatten(2).transpose(1, 2) + self.pos_embed.float()
         x = x.to(dtype)
-        checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False) if checkpoint else block(x)
+            x = block(x)
         return self.head(self.norm(x))

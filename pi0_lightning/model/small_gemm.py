@@ -27,24 +27,19 @@ program's weights before waiting for the previous kernel made batch 1 slower (18
 
 Float32 accumulation in a different order than cuBLAS, so outputs agree to bf16 rounding, not bit for bit. Inference
 only; CUDA (or Triton's CPU interpreter in tests). Wrapped as a custom op, so torch.compile calls it as one opaque
-kernel inside the compiled blocks.
+kernel inside the compiled blocks. The Gemma layers run these GEMMs in the denoising steps where `speed.py` installs
+them.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from pi0_lightning.model import kernels
 from pi0_lightning.model.kernels import triton
-
-ENABLED = os.environ.get("PI0_LIGHTNING_SMALL_GEMM", "1") != "0"
-"""Switch for A/B measurements (environment variable PI0_LIGHTNING_SMALL_GEMM=0): False keeps cuBLAS and the
-separate elementwise kernels."""
 
 MAX_ROWS = 64
 """Rows (batch x tokens) up to which the fused GEMMs run: one block of rows, batch 1 of PI0's 51 action tokens. More
@@ -146,12 +141,7 @@ def usable(x: torch.Tensor) -> bool:
     """Whether `linear` should run: Triton present, bf16/fp16 on CUDA, at most `MAX_ROWS` rows."""
     rows = x.numel() // x.shape[-1]
     half = x.dtype in (torch.bfloat16, torch.float16)
-    return ENABLED and triton is not None and x.is_cuda and half and rows <= MAX_ROWS
-
-
-def disabled() -> AbstractContextManager[None]:
-    """cuBLAS and the separate elementwise kernels for everything inside; restores the switch after."""
-    return kernels.disabled(sys.modules[__name__])
+    return triton is not None and x.is_cuda and half and rows <= MAX_ROWS
 
 
 def tiling(n: int, k: int, geglu: bool = False, norm: bool = False, device: torch.device | None = None) -> Tiling:

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pi0_lightning.model.graphs import CUDAGraphSampler
 from pi0_lightning.model.observation import Observation
 from pi0_lightning.model.pi0 import PI0
+from pi0_lightning.model.speed import SpeedConfig, apply_speed_paths
 from pi0_lightning.policy.tokenizer import PromptTokenizer
 from pi0_lightning.policy.transforms import LiberoTransforms, Normalizer, libero_state, thread_map
 
@@ -57,8 +57,7 @@ class LiberoPolicy:
         num_steps: int = 10,
         device: str | torch.device = "cpu",
         drop_masked_cameras: bool = True,
-        cuda_graphs: bool = False,
-        compile: bool = False,
+        speed: SpeedConfig | None = None,
     ):
         if tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(
@@ -72,9 +71,9 @@ class LiberoPolicy:
         # a camera masked in every row (LIBERO's absent right wrist) contributes nothing: its tokens are excluded from
         # attention and do not move positions, so leaving it out gives the same outputs for a third less compute
         self.drop_masked_cameras = drop_masked_cameras
-        # replay sample_actions as CUDA graphs (one capture per batch size; ~5x faster at small batch on an H100),
-        # optionally with torch.compiled transformer blocks inside (another 1.4-1.5x; ~20 s compile per shape)
-        self.graphs = CUDAGraphSampler(model, compile=compile) if cuda_graphs else None
+        # `speed` (None: the model as it is): CUDA-graph replay of sample_actions is ~5x faster at small batch on an
+        # H100 (one capture per batch size), compiled blocks inside it another 1.4-1.5x (~20 s compile per shape)
+        self.graphs = apply_speed_paths(model, speed) if speed is not None else None
         self.action_horizon = model.config.action_horizon
         self._prompt_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pi0_lightning.model.graphs import FASTGraphDecoder
 from pi0_lightning.model.observation import Observation
 from pi0_lightning.model.pi0_fast import EOS_ID, PI0FAST
+from pi0_lightning.model.speed import SpeedConfig, apply_speed_paths
 from pi0_lightning.policy.fast import FASTActionTokenizer
 from pi0_lightning.policy.libero import PolicyInput, batch_observation_inputs
 from pi0_lightning.policy.tokenizer import ACTION_CUE, ACTION_END, FASTPromptTokenizer
@@ -55,7 +55,7 @@ class LiberoFASTPolicy:
         temperature: float = 0.0,
         max_decoding_steps: int = 256,
         device: str | torch.device = "cpu",
-        cuda_graphs: bool = False,
+        speed: SpeedConfig | None = None,
     ):
         cfg = model.config
         lowest_fast = cfg.fast_offset - (action_tokenizer.vocab_size - 1)
@@ -73,8 +73,8 @@ class LiberoFASTPolicy:
         self.max_decoding_steps = max_decoding_steps
         self.device = torch.device(device)
         self.action_horizon = cfg.action_horizon
-        # replay each decoding step as a CUDA graph (eager off CUDA)
-        self.decoder = FASTGraphDecoder(model) if cuda_graphs else None
+        # `speed` (None: the model as it is): a decoding step is host-bound, so CUDA graphs replay each one
+        self.decoder = apply_speed_paths(model, speed) if speed is not None else None
         self._cue = tokenizer.processor.encode(ACTION_CUE)
         self._end = tokenizer.processor.encode(ACTION_END)
 

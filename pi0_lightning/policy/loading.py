@@ -22,6 +22,7 @@ import torch
 from pi0_lightning.checkpoint import load_pretrained
 from pi0_lightning.model.pi0 import PI0
 from pi0_lightning.model.pi0_fast import PI0FAST
+from pi0_lightning.model.speed import SpeedConfig
 from pi0_lightning.policy.assets import small_prompt_tokenizer, synthetic_fast_tokenizer
 from pi0_lightning.policy.fast import FASTActionTokenizer
 from pi0_lightning.policy.libero import LiberoPolicy
@@ -166,10 +167,10 @@ def load_policy(
     num_steps: int = 10,
     temperature: float = 0.0,
     max_decoding_steps: int = 256,
-    cuda_graphs: bool = False,
+    speed: SpeedConfig | None = None,
 ) -> LiberoPolicy | LiberoFASTPolicy:
     """`num_steps` (Euler steps) applies to PI0 / PI0.5, `temperature` and `max_decoding_steps` to PI0-FAST
-    (openpi: greedy, 256); `cuda_graphs` replays sampling as CUDA graphs on a GPU."""
+    (openpi: greedy, 256); `speed` installs speed paths on the model (e.g. CUDA graphs on a GPU)."""
     model = load_pretrained(path, dtype=dtype, device=device)
     assets = checkpoint_assets(path, isinstance(model, PI0FAST), tokenizer, fast_tokenizer)
     if isinstance(model, PI0FAST):
@@ -182,7 +183,7 @@ def load_policy(
             temperature=temperature,
             max_decoding_steps=max_decoding_steps,
             device=device,
-            cuda_graphs=cuda_graphs,
+            speed=speed,
         )
     return LiberoPolicy.build(
         model,
@@ -192,5 +193,5 @@ def load_policy(
         norm_mode,
         num_steps=num_steps,
         device=device,
-        cuda_graphs=cuda_graphs,
+        speed=speed,
     )

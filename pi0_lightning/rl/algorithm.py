@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
+from pi0_lightning.model.speed import SpeedConfig
 from pi0_lightning.policy.loading import PolicyAssets
 from pi0_lightning.rollout.types import ChunkPolicy
 
@@ -31,8 +32,9 @@ class Algorithm(Protocol):
     def prepare_model(self, model: torch.nn.Module) -> None: ...
 
     def build_policy(
-        self, model: torch.nn.Module, assets: PolicyAssets, device: torch.device, cuda_graphs: bool
-    ) -> ChunkPolicy: ...
+        self, model: torch.nn.Module, assets: PolicyAssets, device: torch.device, speed: SpeedConfig | None
+    ) -> ChunkPolicy:
+        """The chunk policy over `model` (no copy); `speed` as installed (`model/speed.py`), for its CUDA graphs."""
 
     def rollout_setting(self) -> float: ...
 

@@ -33,6 +33,7 @@ import torch
 
 from pi0_lightning.model.observation import Observation
 from pi0_lightning.model.pi0 import COND_NEGATIVE, COND_NULL, COND_POSITIVE, PI0, sample_time
+from pi0_lightning.model.speed import SpeedConfig
 from pi0_lightning.policy.loading import PolicyAssets
 
 
@@ -151,7 +152,7 @@ class CFG(CFGLossConfig):
     def prepare_model(self, model: PI0) -> None:
         model.add_cfg_conditions(self.num_conditions)
 
-    def build_policy(self, model: PI0, assets: PolicyAssets, device: torch.device, cuda_graphs: bool):
+    def build_policy(self, model: PI0, assets: PolicyAssets, device: torch.device, speed: SpeedConfig | None):
         from pi0_lightning.policy.libero import LiberoPolicy
 
         return LiberoPolicy.build(
@@ -162,7 +163,7 @@ class CFG(CFGLossConfig):
             norm_mode=self.norm_mode,
             num_steps=self.num_denoise_steps,
             device=device,
-            cuda_graphs=cuda_graphs,
+            speed=speed,
         )
 
     def rollout_setting(self) -> float:

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from pi0_lightning.model.speed import SpeedConfig
 from pi0_lightning.policy.loading import PolicyAssets
 
 
@@ -81,7 +82,7 @@ class LOOP(LOOPLossConfig):
     def prepare_model(self, model) -> None:
         pass
 
-    def build_policy(self, model, assets: PolicyAssets, device: torch.device, cuda_graphs: bool):
+    def build_policy(self, model, assets: PolicyAssets, device: torch.device, speed: SpeedConfig | None):
         from pi0_lightning.policy.libero_fast import LiberoFASTPolicy
 
         return LiberoFASTPolicy.build(
@@ -92,7 +93,7 @@ class LOOP(LOOPLossConfig):
             delta_actions=assets.delta_actions,
             max_decoding_steps=self.max_decoding_steps,
             device=device,
-            cuda_graphs=cuda_graphs,
+            speed=speed,
         )
 
     def rollout_setting(self) -> float:

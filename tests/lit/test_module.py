@@ -10,6 +10,7 @@ from conftest import random_observation
 
 from pi0_lightning.lit.module import OptimConfig, PI0RLModule
 from pi0_lightning.model.lora import LoRALinear
+from pi0_lightning.model.speed import has_activation_checkpointing
 
 
 def test_warmup_then_cosine_to_min_lr():
@@ -115,11 +116,11 @@ def test_loop_training_step_starts_at_ratio_one_and_moves_toward_positive_tokens
 def test_activation_checkpointing_covers_vision_and_the_chosen_layers():
     m = PI0RLModule(variant="pi0_tiny", activation_checkpointing=True, checkpoint_layers=1)
     m.configure_model()
-    assert m.model.vision.gradient_checkpointing and m.model.llm.gradient_checkpointing == 1
-    assert [m.model.llm._checkpointed(i) for i in range(2)] == [True, False]
+    assert all(block.checkpointed for block in m.model.vision.blocks)
+    assert [layer.checkpointed for layer in m.model.llm.layers] == [True, False]
     off = PI0RLModule(variant="pi0_tiny", checkpoint_layers=1)
     off.configure_model()
-    assert not off.model.vision.gradient_checkpointing and off.model.llm.gradient_checkpointing is False
+    assert not has_activation_checkpointing(off.model)
     obs = random_observation(m.model.config)
     actions = torch.randn(2, m.model.config.action_horizon, m.model.config.action_dim)
     m.model.train()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from pi0_lightning.model.fused import FusedWeight, fusable, project
+from pi0_lightning.model.fused import FusedWeight, fusable
 
 
 def _linears() -> list[nn.Linear]:
@@ -20,12 +20,12 @@ def test_stacked_projection_equals_separate_ones_and_follows_updates():
     fused = FusedWeight(linears)
     weight = fused.weight
     with torch.no_grad():
-        for out, lin in zip(project(linears, fused, x), linears, strict=True):
+        for out, lin in zip(fused(x), linears, strict=True):
             torch.testing.assert_close(out, lin(x))
         for lin in linears:
             lin.weight.add_(0.5)
         fused.refresh()
-        for out, lin in zip(project(linears, fused, x), linears, strict=True):
+        for out, lin in zip(fused(x), linears, strict=True):
             torch.testing.assert_close(out, lin(x))
     assert fused.weight is weight  # refreshed in place: CUDA graphs keep the address
 
@@ -46,10 +46,3 @@ def test_biased_and_non_linear_layers_are_refused():
         FusedWeight([nn.Linear(8, 4), nn.Linear(8, 4, bias=False)])
     assert fusable(_linears())
     assert not fusable([nn.Linear(8, 4)]) and not fusable([nn.Sequential(nn.Linear(8, 4, bias=False))])
-
-
-def test_gradients_use_the_separate_layers():
-    linears, x = _linears(), torch.randn(3, 8)
-    fused = FusedWeight(linears)
-    sum(y.sum() for y in project(linears, fused, x)).backward()
-    assert all(lin.weight.grad is not None for lin in linears)

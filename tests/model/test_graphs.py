@@ -1,4 +1,5 @@
-"""CUDA-graph replay of sample_actions equals eager sampling (GPU only) and falls back to eager on the CPU."""
+"""CUDA-graph replay (from `apply_speed_paths`) equals eager sampling (GPU only) and falls back to eager on the
+CPU; compiled blocks."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import torch
 from conftest import random_observation
 
 from pi0_lightning.model.config import PI0Config
-from pi0_lightning.model.graphs import CUDAGraphSampler
+from pi0_lightning.model.graphs import CUDAGraphSampler, FASTGraphDecoder
 from pi0_lightning.model.pi0 import PI0
+from pi0_lightning.model.speed import SpeedConfig, apply_speed_paths
+
+GRAPHS = SpeedConfig(cuda_graphs=True)
 
 
 def test_cpu_falls_back_to_eager():
@@ -16,9 +20,10 @@ def test_cpu_falls_back_to_eager():
     model = PI0(PI0Config.variant("pi0_tiny", action_horizon=6)).eval()
     obs = random_observation(model.config)
     noise = torch.randn(2, 6, 32)
-    torch.testing.assert_close(
-        CUDAGraphSampler(model)(obs, noise, 3), model.sample_actions(obs, noise=noise, num_steps=3)
-    )
+    expected = model.sample_actions(obs, noise=noise, num_steps=3)
+    sampler = apply_speed_paths(model, SpeedConfig(cuda_graphs=True, fused_projections=False))
+    assert isinstance(sampler, CUDAGraphSampler)
+    torch.testing.assert_close(sampler(obs, noise, 3), expected)
 
 
 @pytest.mark.gpu
@@ -29,7 +34,7 @@ def test_graph_replay_matches_eager_for_new_inputs(guidance):
     with torch.device("cuda"):
         model = PI0(PI0Config.variant("pi0_tiny", action_horizon=6)).add_cfg_conditions(2).eval()
         torch.nn.init.normal_(model.cfg_embed.weight)
-    sampler = CUDAGraphSampler(model)
+    sampler = apply_speed_paths(model, GRAPHS)
     for seed in range(3):  # capture on the first inputs, replay on new ones
         obs = random_observation(model.config, seed=seed).to("cuda")
         noise = torch.randn(2, 6, 32, device="cuda")
@@ -58,12 +63,12 @@ def _fast_case(device: str):
 
 
 def test_fast_decoder_off_cuda_runs_the_eager_steps():
-    from pi0_lightning.model.graphs import FASTGraphDecoder
-
     model, obs = _fast_case("cpu")
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     eager = model.sample_tokens(obs, 8, temperature=1.0, generator=g1, return_logp=True)
-    via = model.sample_tokens(obs, 8, temperature=1.0, generator=g2, return_logp=True, decoder=FASTGraphDecoder(model))
+    decoder = apply_speed_paths(model, GRAPHS)
+    assert isinstance(decoder, FASTGraphDecoder)
+    via = model.sample_tokens(obs, 8, temperature=1.0, generator=g2, return_logp=True, decoder=decoder)
     assert torch.equal(eager[0], via[0]) and torch.equal(eager[1], via[1])
 
 
@@ -71,17 +76,13 @@ def test_fast_decoder_off_cuda_runs_the_eager_steps():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("compiled", [False, True])
 def test_fast_graph_decoding_matches_eager_for_new_inputs(compiled):
-    from pi0_lightning.model.graphs import FASTGraphDecoder, compile_blocks
-
     model, obs = _fast_case("cuda")
     prompts = [torch.randint(3, 1000, (2, 20), generator=torch.Generator().manual_seed(s)).cuda() for s in range(3)]
     references = []
     for prompt in prompts:  # eager, uncompiled references
         obs.tokenized_prompt = prompt
         references.append(model.sample_tokens(obs, 10, return_logits=True))
-    if compiled:
-        compile_blocks(model)
-    decoder = FASTGraphDecoder(model)
+    decoder = apply_speed_paths(model, SpeedConfig(cuda_graphs=True, compile=compiled))
     for prompt, (tokens, logits) in zip(prompts, references, strict=True):  # capture on the first, replay on new ones
         obs.tokenized_prompt = prompt
         g_tokens, g_logits = model.sample_tokens(obs, 10, return_logits=True, decoder=decoder)
@@ -102,15 +103,16 @@ def _tiny_cuda_case():
 def test_compiled_blocks_in_the_graph_match_eager():
     model, obs, noise = _tiny_cuda_case()
     eager = model.sample_actions(obs, noise=noise, num_steps=3)
-    torch.testing.assert_close(CUDAGraphSampler(model, compile=True)(obs, noise, 3), eager, atol=1e-4, rtol=1e-4)
+    sampler = apply_speed_paths(model, SpeedConfig(cuda_graphs=True, compile=True))
+    torch.testing.assert_close(sampler(obs, noise, 3), eager, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_replay_with_fused_projections_follows_weight_updates():
     model, obs, noise = _tiny_cuda_case()
-    sampler = CUDAGraphSampler(model, fuse=True)
-    assert model.llm.layers[0].experts[1].fused_qkv is not None
+    sampler = apply_speed_paths(model, GRAPHS)
+    assert model.llm.layers[0].stacks[1] is not None
     sampler(obs, noise, 3)  # captured
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()
@@ -118,7 +120,7 @@ def test_replay_with_fused_projections_follows_weight_updates():
     opt.step()
     model.eval()
     replay = sampler(obs, noise, 3)
-    model.llm.unfuse_projections()  # reference: the same updated model without the stacked copies
+    apply_speed_paths(model, SpeedConfig(fused_projections=False))  # the same updated model without the stacks
     torch.testing.assert_close(replay, model.sample_actions(obs, noise=noise, num_steps=3), atol=1e-4, rtol=1e-4)
 
 
@@ -144,7 +146,7 @@ def test_compiled_blocks_recompute_the_geglu_product_instead_of_saving_it():
     """compile_blocks' backend lets the partitioner recompute `gelu(gate) * up` (down_proj's input) in the backward:
     fewer saved bytes than default inductor, same gradients."""
     from pi0_lightning.model.gemma import GeGLU
-    from pi0_lightning.model.graphs import _inductor_recomputing
+    from pi0_lightning.model.speed import _inductor_recomputing
 
     torch.manual_seed(0)
     mlp, x = GeGLU(16, 64), torch.randn(4, 8, 16, requires_grad=True)

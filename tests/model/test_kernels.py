@@ -1,4 +1,4 @@
-"""The Triton suffix-attention kernel equals the matmul attention path (Triton's CPU interpreter, and CUDA)."""
+"""The Triton attention kernel equals the reference attention (Triton's CPU interpreter, and CUDA)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def test_kernel_matches_matmul_attention_in_the_interpreter():
             with torch.no_grad():
                 expected = gemma.attention(gemma.apply_rope(q, cos, sin), k_rotated, v, mask, kv)
                 cache, new = (k[:, :, :cut], v[:, :, :cut]), (k[:, :, cut:], v[:, :, cut:])
-                fallback = gemma.attention(q, *new, mask, kv, cache, rope=(cos, sin))  # float32 CPU: matmul path
+                fallback = kernels.attention(q, *new, mask, kv, cache, rope=(cos, sin))  # float32 CPU: the reference
             torch.testing.assert_close(fallback, expected)
             out = kernels.cached_attention(q, *cache, mask, kv, *new, rope=(cos, sin))
             torch.testing.assert_close(out, expected, atol=2e-6, rtol=1e-5)
@@ -86,17 +86,41 @@ def test_dispatch_only_for_bf16_cuda_inference_against_a_cache(monkeypatch):
     q, k, v, mask = _case(torch.float32, "cpu", b=1, t=4, s=9, d=16)
     cache, new = (k[:, :, :5], v[:, :, :5]), (k[:, :, 5:], v[:, :, 5:])
     with torch.no_grad():
-        gemma.attention(q, *new, mask, 1, cache)  # queries against a cache: the kernel
-        gemma.attention(q[:, :, :1], *new, mask[:, :, :1], 1, cache)  # one query (PI0-FAST decoding): not the kernel
-        gemma.attention(q, k[:, :, :4], v[:, :, :4], mask[..., :4], 1)  # no cache, few scores (a prefix): the kernel
+        kernels.attention(q, *new, mask, 1, cache)  # queries against a cache: the kernel
+        kernels.attention(q[:, :, :1], *new, mask[:, :, :1], 1, cache)  # one query (PI0-FAST decoding): the reference
+        kernels.attention(q, k[:, :, :4], v[:, :, :4], mask[..., :4], 1)  # no cache, few scores (a prefix): the kernel
         monkeypatch.setattr(gemma, "SMALL_ATTENTION", 0)
-        gemma.attention(q, k[:, :, :4], v[:, :, :4], mask[..., :4], 1)  # no cache, more scores: SDPA
+        kernels.attention(q, k[:, :, :4], v[:, :, :4], mask[..., :4], 1)  # no cache, more scores: SDPA
     assert calls == [q.shape, q.shape]
     expected = gemma.attention(q, k, v, mask, 1)
-    torch.testing.assert_close(gemma.attention(q, *new, mask, 1, cache), expected)  # with gradients: concatenated
+    torch.testing.assert_close(kernels.attention(q, *new, mask, 1, cache), expected)  # with gradients: the reference
     assert calls == [q.shape, q.shape]
     monkeypatch.undo()
     assert kernels.tiling_for(q, 1) is None  # float32 / CPU never dispatch to it
+
+
+def test_layers_use_the_kernel_only_where_installed(monkeypatch):
+    from conftest import random_observation
+
+    from pi0_lightning.model.config import PI0Config
+    from pi0_lightning.model.pi0 import PI0
+    from pi0_lightning.model.speed import SpeedConfig, apply_speed_paths, disabled
+
+    calls = []
+    real = kernels.attention
+    monkeypatch.setattr(kernels, "attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    torch.manual_seed(0)
+    model = PI0(PI0Config.variant("pi0_tiny", action_horizon=6)).eval()
+    obs, noise = random_observation(model.config), torch.randn(2, 6, 32)
+    reference = model.sample_actions(obs, noise=noise, num_steps=2)
+    assert calls == []
+    apply_speed_paths(model, SpeedConfig(fused_projections=False))
+    torch.testing.assert_close(model.sample_actions(obs, noise=noise, num_steps=2), reference)
+    per_call = 3 * len(model.llm.layers) - 1  # two denoising steps, the prefix pass but its last layer (keys only)
+    assert len(calls) == per_call
+    with disabled(model, "attention_kernel"):
+        model.sample_actions(obs, noise=noise, num_steps=2)
+    assert len(calls) == per_call
 
 
 @pytest.mark.gpu
@@ -109,12 +133,11 @@ def test_kernel_matches_matmul_attention_on_cuda(shape):
     q, k, v, mask = _case(torch.bfloat16, "cuda", **shape)
     kv = shape.get("kv", 1)
     with torch.no_grad():
-        with kernels.disabled():
-            expected = gemma.attention(q, k, v, mask, kv).float()
+        expected = gemma.attention(q, k, v, mask, kv).float()
         cut = k.shape[2] - shape.get("t", 51) // 2  # the cache, then this step's keys
         args = (q, k[:, :, cut:], v[:, :, cut:], mask, kv, (k[:, :, :cut], v[:, :, :cut]))
-        out = gemma.attention(*args)
-        compiled = torch.compile(gemma.attention, dynamic=False)(*args)
+        out = kernels.attention(*args)
+        compiled = torch.compile(kernels.attention, dynamic=False)(*args)
     assert out.dtype == torch.bfloat16
     # both round probabilities once to bf16 (in different places) and the output to bf16
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
@@ -130,10 +153,10 @@ def test_kernel_rotates_queries_and_new_keys_on_cuda():
     cos, sin = gemma.rope_tables(torch.arange(560, 611, device="cuda")[None], 256)
     cache, new = (k[:, :, :560], v[:, :, :560]), (k[:, :, 560:], v[:, :, 560:])
     with torch.no_grad():
-        with kernels.disabled():
-            expected = gemma.attention(q, *new, mask, 1, cache, rope=(cos, sin)).float()
-        out = gemma.attention(q, *new, mask, 1, cache, rope=(cos, sin))
-        compiled = torch.compile(gemma.attention, dynamic=False)(q, *new, mask, 1, cache, rope=(cos, sin))
+        q_rotated, k_rotated = kernels.rotate_qk(q, new[0], (cos, sin))
+        expected = gemma.attention(q_rotated, k_rotated, new[1], mask, 1, cache).float()
+        out = kernels.attention(q, *new, mask, 1, cache, rope=(cos, sin))
+        compiled = torch.compile(kernels.attention, dynamic=False)(q, *new, mask, 1, cache, rope=(cos, sin))
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(compiled, out, atol=0, rtol=0)
 
@@ -145,10 +168,9 @@ def test_kernel_matches_matmul_attention_without_cache_on_cuda():
     # the prefix pass at batch 1: 8 heads x 560 tokens against themselves, the large tiling
     q, k, v, mask = _case(torch.bfloat16, "cuda", b=1, t=560, s=560, d=256)
     with torch.no_grad():
-        with kernels.disabled():
-            expected = gemma.attention(q, k, v, mask, 1).float()
+        expected = gemma.attention(q, k, v, mask, 1).float()
         assert kernels.tiling_for(q, 1) == kernels.LARGE
-        out = gemma.attention(q, k, v, mask, 1)
+        out = kernels.attention(q, k, v, mask, 1)
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
 
 
@@ -166,4 +188,4 @@ def test_bf16_sampling_with_the_kernel_in_compiled_graphs():
         model = PI0(PI0Config.variant("pi0_tiny", action_horizon=6)).apply_dtype_policy("bfloat16").eval()
     obs = random_observation(model.config).to("cuda")
     noise = torch.randn(2, 6, 32, device="cuda")
-    assert_kernels_match_in_compiled_graphs(model, obs, noise, kernels.disabled)
+    assert_kernels_match_in_compiled_graphs(model, obs, noise, "attention_kernel")

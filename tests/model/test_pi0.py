@@ -11,6 +11,7 @@ from conftest import random_observation
 from pi0_lightning.checkpoint import build_model
 from pi0_lightning.model.config import PI0Config
 from pi0_lightning.model.pi0 import PI0, euler_times, make_attn_mask, posemb_sincos, sample_time
+from pi0_lightning.model.speed import compile_denoise_step, set_activation_checkpointing
 
 
 @pytest.fixture(params=["pi0_tiny", "pi05_tiny"])
@@ -126,8 +127,9 @@ def test_euler_times_follow_openpi_float32_loop():
 @torch.no_grad()
 @pytest.mark.parametrize("guidance", [None, 2.5])
 def test_sampler_equals_step_by_step_denoising(model, guidance):
-    """sample_actions computes the steps' shared inputs once (DenoiseContext, batched time embeddings) and, after
-    compile_denoise_step, runs the work around the layers compiled: same actions as Euler steps of `velocity`."""
+    """sample_actions computes the steps' shared inputs once (DenoiseContext, batched time embeddings) and, with
+    `speed.compile_denoise_step`, runs the work around the layers compiled: same actions as Euler steps of
+    `velocity`."""
     cfg = model.config
     obs = random_observation(cfg, batch_size=2)
     noise = torch.randn(2, cfg.action_horizon, cfg.action_dim)
@@ -138,7 +140,7 @@ def test_sampler_equals_step_by_step_denoising(model, guidance):
     for t in euler_times(3):
         x = x + (-1 / 3) * model.velocity(ctx, x, torch.full((2,), t))
     torch.testing.assert_close(model.sample_actions(obs, noise=noise, num_steps=3, guidance=guidance), x)
-    model.compile_denoise_step()
+    compile_denoise_step(model)
     try:
         compiled = model.sample_actions(obs, noise=noise, num_steps=3, guidance=guidance)
     finally:
@@ -189,7 +191,7 @@ def test_activation_checkpointing_gives_same_gradients(model):
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     plain = grads()
-    model.llm.gradient_checkpointing = True
+    set_activation_checkpointing(model, True)
     ckpt = grads()
     assert plain.keys() == ckpt.keys()
     for n in plain:

@@ -11,6 +11,7 @@ from conftest import assert_kernels_match_in_compiled_graphs, needs_triton, rand
 from pi0_lightning.model import small_gemm
 from pi0_lightning.model.config import PI0Config
 from pi0_lightning.model.pi0 import PI0
+from pi0_lightning.model.speed import SpeedConfig, apply_speed_paths, disabled
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -54,11 +55,12 @@ from conftest import random_observation
 from pi0_lightning.model import small_gemm
 from pi0_lightning.model.config import PI0Config
 from pi0_lightning.model.pi0 import PI0
+from pi0_lightning.model.speed import apply_speed_paths, disabled
 torch.manual_seed(0)
 model = PI0(PI0Config.variant(VARIANT, action_horizon=6)).eval()
 obs, noise = random_observation(model.config), torch.randn(2, 6, 32)
 with torch.no_grad():
-    model.llm.fuse_projections()
+    apply_speed_paths(model)
     expected = model.sample_actions(obs, noise=noise, num_steps=3)  # on the CPU: the unfused path
     small_gemm.usable = lambda x: True  # the interpreter runs the kernels on the CPU
     calls, linear = [], small_gemm.linear
@@ -78,8 +80,8 @@ with torch.no_grad():  # in-place updates, as an optimizer step makes them: the 
             expert.ffn_norm.dense.bias.add_(0.5)
         expert.mlp.gate_proj.weight.mul_(1.5)
     updated = model.sample_actions(obs, noise=noise, num_steps=3)
-    small_gemm.usable = lambda x: False
-    expected_updated = model.sample_actions(obs, noise=noise, num_steps=3)
+    with disabled(model, "small_gemm"):
+        expected_updated = model.sample_actions(obs, noise=noise, num_steps=3)
 assert (expected_updated - expected).abs().max() > 1e-3  # the update matters
 torch.testing.assert_close(updated, expected_updated, atol=1e-5, rtol=1e-5)
 print("ok")
@@ -116,9 +118,11 @@ def test_dispatch_only_at_inference_with_stacked_weights(monkeypatch):
     monkeypatch.setattr(small_gemm, "linear", lambda *a, **kw: calls.append(kw) or _unfused(real, *a, **kw))
     model, obs, noise = _tiny()
     with torch.no_grad():
-        model.sample_actions(obs, noise=noise, num_steps=2)  # not fused: no stacked weights to run on
+        model.sample_actions(obs, noise=noise, num_steps=2)  # not installed: the reference layers
+        apply_speed_paths(model, SpeedConfig(fused_projections=False))
+        model.sample_actions(obs, noise=noise, num_steps=2)  # not stacked: no stacked weights to run on
         assert calls == []
-        model.llm.fuse_projections()
+        apply_speed_paths(model)
         model.sample_actions(obs, noise=noise, num_steps=2)
     assert len(calls) == 4 * len(model.llm.layers) * 2  # 4 GEMMs per layer and denoising step, never the prefix
     model.train()
@@ -126,7 +130,7 @@ def test_dispatch_only_at_inference_with_stacked_weights(monkeypatch):
     assert len(calls) == 4 * len(model.llm.layers) * 2
     pi05, obs05, noise05 = _tiny("pi05_tiny")
     with torch.no_grad():
-        pi05.llm.fuse_projections()
+        apply_speed_paths(pi05)
         pi05.sample_actions(obs05, noise=noise05, num_steps=2)  # adaptive norms too
     assert len(calls) == 4 * len(model.llm.layers) * 2 + 3 * len(pi05.llm.layers) * 2  # adaptive norms: 3
 
@@ -149,20 +153,17 @@ def _unfused(real, x, weight, *, rms_eps=None, geglu=False, residual=None, resid
 @needs_cuda
 def test_bf16_sampling_with_fused_gemms_in_compiled_graphs():
     model, obs, noise = _tiny_bf16_cuda()
-    model.llm.fuse_projections()
-    assert_kernels_match_in_compiled_graphs(model, obs, noise, small_gemm.disabled)
+    assert_kernels_match_in_compiled_graphs(model, obs, noise, "small_gemm")
 
 
 @pytest.mark.gpu
 @needs_triton
 @needs_cuda
 def test_graph_replay_with_fused_gemms_follows_weight_and_norm_updates():
-    from pi0_lightning.model.graphs import CUDAGraphSampler
-
     model, obs, noise = _tiny_bf16_cuda()
-    sampler = CUDAGraphSampler(model)
-    expert = model.llm.layers[0].experts[1]
-    assert expert.folded_qkv is not None and expert.mlp.folded is not None
+    sampler = apply_speed_paths(model, SpeedConfig(cuda_graphs=True))
+    stack = model.llm.layers[0].stacks[1]
+    assert stack.folded_qkv is not None and stack.folded_gate_up is not None
     before = sampler(obs, noise, 3)  # captured with the norm-folded copies
     with torch.no_grad():  # in-place updates, as an optimizer step makes them: the copies must follow
         for layer in model.llm.layers:
@@ -170,7 +171,7 @@ def test_graph_replay_with_fused_gemms_follows_weight_and_norm_updates():
             layer.experts[1].ffn_norm.weight.sub_(0.3)
             layer.experts[1].mlp.gate_proj.weight.mul_(1.5)
     replay = sampler(obs, noise, 3)
-    with small_gemm.disabled():
+    with disabled(model, "small_gemm"):
         expected = model.sample_actions(obs, noise=noise, num_steps=3)
     assert (expected - before).abs().max() > 0.1  # the update matters
     torch.testing.assert_close(replay, expected, atol=5e-2, rtol=5e-2)

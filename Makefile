@@ -8,7 +8,7 @@ TRITON_VERSION ?= 3.5.0
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test lint format demo demo-learn demo-learn-fast compare check-physics bench-cpu bench-env bench-gpu clean
+.PHONY: install test test-fast lint format demo demo-learn demo-learn-fast compare check-physics bench-cpu bench-env bench-gpu clean
 
 install: $(STAMP)
 
@@ -30,10 +30,17 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -c "import importlib.util, pathlib; pathlib.Path(importlib.util.find_spec('robosuite').origin).with_name('macros_private.py').touch()"
 	touch $(STAMP)
 
+# The whole suite (CI runs this): parity, LIBERO, Lightning end to end, the learning proofs
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The quick tier for iterating: everything not marked slow
+test-fast: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -101,7 +101,7 @@ def _fast_tokenizer(path: str | None) -> Path | None:
     """A local copy of the FAST processor, checked by loading it (it is bundled as `fast_tokenizer/`)."""
     if path is None:
         return None
-    from pi0_lightning.policy.fast import FASTActionTokenizer
+    from pi0_lightning.policy.fast_tokenizer import FASTActionTokenizer
 
     try:
         FASTActionTokenizer.from_pretrained(path)

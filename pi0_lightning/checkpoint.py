@@ -207,7 +207,7 @@ def export_pretrained(
     with tempfile.TemporaryDirectory() as tmp:
         assets = {}
         if fast_tokenizer is not None:
-            from pi0_lightning.policy.libero_fast import FAST_TOKENIZER_DIR
+            from pi0_lightning.policy.pi0_fast_libero import FAST_TOKENIZER_DIR
 
             assets[FAST_TOKENIZER_DIR] = fast_tokenizer.save_pretrained(Path(tmp) / FAST_TOKENIZER_DIR)
         out.save_pretrained(

@@ -28,9 +28,9 @@ from pi0_lightning.envs.pool import EnvPool
 from pi0_lightning.envs.reach import ReachEnv, ReachEnvConfig, expert_action, reach_norm_stats, reach_tasks
 from pi0_lightning.model.pi0_fast import PI0FAST, PI0FASTConfig
 from pi0_lightning.policy.assets import small_prompt_tokenizer
-from pi0_lightning.policy.fast import FASTActionTokenizer
-from pi0_lightning.policy.libero import PolicyInput
-from pi0_lightning.policy.libero_fast import FAST_TOKENIZER_DIR, LiberoFASTPolicy
+from pi0_lightning.policy.fast_tokenizer import FASTActionTokenizer
+from pi0_lightning.policy.pi0_fast_libero import FAST_TOKENIZER_DIR, LiberoFASTPolicy
+from pi0_lightning.policy.pi0_libero import PolicyInput
 from pi0_lightning.rollout.collector import CollectorConfig, RolloutCollector
 from pi0_lightning.rollout.types import EpisodeRequest
 

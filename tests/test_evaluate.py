@@ -46,7 +46,7 @@ def test_rl_trained_checkpoint_is_evaluated_with_a_trained_branch(tmp_path, monk
     from pi0_lightning.envs.spec import identity_norm_stats
     from pi0_lightning.model.config import PI0Config
     from pi0_lightning.model.pi0 import PI0
-    from pi0_lightning.policy import libero as libero_policy
+    from pi0_lightning.policy import pi0_libero as libero_policy
 
     PI0(PI0Config.variant("pi0_tiny", action_horizon=10)).add_cfg_conditions(2).save_pretrained(
         tmp_path / "rl", norm_stats=identity_norm_stats()

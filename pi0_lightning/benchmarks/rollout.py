@@ -76,7 +76,7 @@ def build_policy(args: argparse.Namespace, instructions: list[str]):
     from pi0_lightning.model.graphs import use_tf32
     from pi0_lightning.model.speed import SpeedConfig
     from pi0_lightning.policy.assets import small_prompt_tokenizer
-    from pi0_lightning.policy.libero import LiberoPolicy
+    from pi0_lightning.policy.pi0_libero import LiberoPolicy
 
     use_tf32()
     cuda = args.device.startswith("cuda")

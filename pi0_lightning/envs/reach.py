@@ -5,7 +5,7 @@ Why it exists
 Real LIBERO is far too slow on CPU for a quick RL experiment (seconds per reset, ~100 ms per rendered step), and a
 randomly initialised tiny PI0 never succeeds there, so RL has no signal to learn from. This task keeps
 :class:`~pi0_lightning.envs.libero.LiberoEnv`'s protocol and observation format exactly (so the same
-:class:`~pi0_lightning.policy.libero.LiberoPolicy`, rollout collector, :class:`~pi0_lightning.envs.pool.EnvPool`
+:class:`~pi0_lightning.policy.pi0_libero.LiberoPolicy`, rollout collector, :class:`~pi0_lightning.envs.pool.EnvPool`
 and evaluation code run unchanged) but costs microseconds per step, and a random policy succeeds in a fair share
 of the episodes by chance (a quarter, see below). RL should raise that to ~100% within minutes.
 

@@ -38,8 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pi0_lightning.model import kernels
-from pi0_lightning.model.kernels import triton
+from pi0_lightning.model import attention_kernel
+from pi0_lightning.model.attention_kernel import triton
 
 MAX_ROWS = 64
 """Rows (batch x tokens) up to which the fused GEMMs run: one block of rows, batch 1 of PI0's 51 action tokens. More
@@ -154,7 +154,7 @@ def tiling(n: int, k: int, geglu: bool = False, norm: bool = False, device: torc
     else:
         while split < 8 and -(-n // block_n) * split * 2 <= 160 and k % (split * 2 * block_k) == 0:
             split *= 2
-    limit = kernels.shared_memory_limit(device)
+    limit = attention_kernel.shared_memory_limit(device)
     while stages > 2 and shared_memory(block_n, block_k, stages, geglu) > limit:
         stages -= 1
     return Tiling(block_n=block_n, block_k=block_k, split=split, stages=stages)

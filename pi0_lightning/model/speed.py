@@ -9,8 +9,8 @@ kernels, the stacked weights, compilation, CUDA graphs and activation checkpoint
   (`fused.FusedWeight`: ~0.3 GB for full-size PI0; with `small_gemm` also a norm-folded copy, ~0.4 GB). The copies
   follow the parameters: before every inference call of a layer (and before every CUDA-graph replay) they are
   refreshed in place if an optimizer step or `load_state_dict` changed a source.
-- `attention_kernel`: the flash-decoding Triton kernel of `kernels.py` for attention at inference in bf16 on CUDA
-  (the denoising steps, which read the prefix cache in place and rotate queries and new keys as they load them, and
+- `attention_kernel`: the flash-decoding Triton kernel of `attention_kernel.py` for attention at inference in bf16 on
+  CUDA (the denoising steps, which read the prefix cache in place and rotate queries and new keys as they load them, and
   the prefix pass at small batch).
 - `small_gemm`: at most 64 rows (batch-1 denoising steps), the action expert's GEMMs run as `small_gemm.py`'s Triton
   GEMMs with the RMSNorm, GeGLU and residual adds fused in (needs `fused_projections`).
@@ -46,7 +46,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from pi0_lightning.model import gemma, kernels, small_gemm
+from pi0_lightning.model import attention_kernel, gemma, small_gemm
 from pi0_lightning.model.fused import ExpertStack
 from pi0_lightning.model.gemma import JointGemma, JointLayer, apply_rope, residual
 from pi0_lightning.model.graphs import CUDAGraphSampler, FASTGraphDecoder
@@ -153,11 +153,11 @@ class SpeedJointLayer(JointLayer):
         cache: tuple[torch.Tensor, torch.Tensor] | None = None,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """`gemma.attention`, or the kernel's `kernels.attention`; `rope` as in the latter."""
+        """`gemma.attention`, or the kernel's `attention_kernel.attention`; `rope` as in the latter."""
         if self.attention_kernel:
-            return kernels.attention(q, k, v, mask, num_kv_heads, cache, rope)
+            return attention_kernel.attention(q, k, v, mask, num_kv_heads, cache, rope)
         if rope is not None:
-            q, k = kernels.rotate_qk(q, k, rope)
+            q, k = attention_kernel.rotate_qk(q, k, rope)
         return gemma.attention(q, k, v, mask, num_kv_heads, cache)
 
     def forward(self, hs, rope, mask, conds, kv_cache=None, return_kv=True, kv_only=False):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pi0_lightning.policy.fast import FASTActionTokenizer, dct_matrix
+from pi0_lightning.policy.fast_tokenizer import FASTActionTokenizer, dct_matrix
 from pi0_lightning.policy.tokenizer import ACTION_CUE, ACTION_END, STATE_BINS, train_small_tokenizer
 
 

@@ -24,9 +24,9 @@ from pi0_lightning.model.pi0 import PI0
 from pi0_lightning.model.pi0_fast import PI0FAST
 from pi0_lightning.model.speed import SpeedConfig
 from pi0_lightning.policy.assets import small_prompt_tokenizer, synthetic_fast_tokenizer
-from pi0_lightning.policy.fast import FASTActionTokenizer
-from pi0_lightning.policy.libero import LiberoPolicy
-from pi0_lightning.policy.libero_fast import FAST_TOKENIZER_DIR, LiberoFASTPolicy
+from pi0_lightning.policy.fast_tokenizer import FASTActionTokenizer
+from pi0_lightning.policy.pi0_fast_libero import FAST_TOKENIZER_DIR, LiberoFASTPolicy
+from pi0_lightning.policy.pi0_libero import LiberoPolicy
 from pi0_lightning.policy.tokenizer import find_tokenizer_file
 
 

@@ -376,7 +376,7 @@ class FASTPromptTokenizer(PromptTokenizer):
 
     def fast_layout(self, prefix: list[int], action_ids: Sequence[int] | None = None) -> dict[str, np.ndarray]:
         """A prefix's ids followed (if `action_ids`) by the postfix, padded, with openpi's ar and loss masks."""
-        from pi0_lightning.policy.fast import fast_to_paligemma
+        from pi0_lightning.policy.fast_tokenizer import fast_to_paligemma
 
         postfix: list[int] = []
         if action_ids is not None:

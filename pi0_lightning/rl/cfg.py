@@ -153,7 +153,7 @@ class CFG(CFGLossConfig):
         model.add_cfg_conditions(self.num_conditions)
 
     def build_policy(self, model: PI0, assets: PolicyAssets, device: torch.device, speed: SpeedConfig | None):
-        from pi0_lightning.policy.libero import LiberoPolicy
+        from pi0_lightning.policy.pi0_libero import LiberoPolicy
 
         return LiberoPolicy.build(
             model,

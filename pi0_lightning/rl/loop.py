@@ -83,7 +83,7 @@ class LOOP(LOOPLossConfig):
         pass
 
     def build_policy(self, model, assets: PolicyAssets, device: torch.device, speed: SpeedConfig | None):
-        from pi0_lightning.policy.libero_fast import LiberoFASTPolicy
+        from pi0_lightning.policy.pi0_fast_libero import LiberoFASTPolicy
 
         return LiberoFASTPolicy.build(
             model,

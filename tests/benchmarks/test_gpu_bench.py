@@ -66,7 +66,6 @@ def test_sample_flops_real_pi0_range():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_real_pi0_on_cuda(capsys):
     argv = ["--variant", "pi0", "--batches-infer", "1", "--batches-train", "1", "--repeats", "3"]
     results = main(argv)

@@ -71,7 +71,7 @@ def test_console_script_exit_code(tmp_path):
 def test_fast_processor_is_bundled_and_checked(openpi_fixtures, tmp_path, capsys):
     pytest.importorskip("tensorstore")
     from pi0_lightning.policy.assets import synthetic_fast_tokenizer
-    from pi0_lightning.policy.fast import FASTActionTokenizer
+    from pi0_lightning.policy.fast_tokenizer import FASTActionTokenizer
 
     processor = synthetic_fast_tokenizer(10, 7).save_pretrained(tmp_path / "processor")
     src = str(openpi_fixtures / "pi0_fast_tiny")

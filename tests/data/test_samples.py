@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from pi0_lightning.data.samples import chunk_samples, collate, pad_samples
-from pi0_lightning.policy.libero_fast import TokenRecord
+from pi0_lightning.policy.pi0_fast_libero import TokenRecord
 from pi0_lightning.rl.advantages import group_episodes
 from pi0_lightning.rollout.types import Chunk, EpisodeRequest, EpisodeResult
 

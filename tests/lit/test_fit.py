@@ -119,8 +119,8 @@ def test_two_process_ddp_stays_in_lockstep(tmp_path):
 
 def test_fast_fit_validate_and_export(tmp_path):
     """PI0-FAST through the same CLI: LOOP rollouts with token records, validation, resume assets, export."""
-    from pi0_lightning.policy.libero_fast import LiberoFASTPolicy
     from pi0_lightning.policy.loading import load_policy
+    from pi0_lightning.policy.pi0_fast_libero import LiberoFASTPolicy
 
     model = {
         "variant": "pi0_fast_micro",

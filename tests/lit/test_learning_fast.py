@@ -10,7 +10,7 @@ import pytest
 
 from pi0_lightning.cli import main
 from pi0_lightning.learning_curve import two_proportion_z
-from pi0_lightning.policy.libero_fast import FAST_TOKENIZER_DIR
+from pi0_lightning.policy.pi0_fast_libero import FAST_TOKENIZER_DIR
 from pi0_lightning.warmstart import WarmStartConfig, warm_start
 
 pytestmark = pytest.mark.slow

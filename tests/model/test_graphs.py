@@ -27,7 +27,6 @@ def test_cpu_falls_back_to_eager():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("guidance", [None, 2.0])
 def test_graph_replay_matches_eager_for_new_inputs(guidance):
     torch.manual_seed(0)
@@ -73,7 +72,6 @@ def test_fast_decoder_off_cuda_runs_the_eager_steps():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("compiled", [False, True])
 def test_fast_graph_decoding_matches_eager_for_new_inputs(compiled):
     model, obs = _fast_case("cuda")
@@ -99,7 +97,6 @@ def _tiny_cuda_case():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_compiled_blocks_in_the_graph_match_eager():
     model, obs, noise = _tiny_cuda_case()
     eager = model.sample_actions(obs, noise=noise, num_steps=3)
@@ -108,7 +105,6 @@ def test_compiled_blocks_in_the_graph_match_eager():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_replay_with_fused_projections_follows_weight_updates():
     model, obs, noise = _tiny_cuda_case()
     sampler = apply_speed_paths(model, GRAPHS)

@@ -13,8 +13,6 @@ from pi0_lightning.model.config import PI0Config
 from pi0_lightning.model.pi0 import PI0
 from pi0_lightning.model.speed import SpeedConfig, apply_speed_paths, disabled
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
 OPS_SCRIPT = """
 import torch, torch.nn.functional as F
 from pi0_lightning.model import small_gemm
@@ -150,7 +148,6 @@ def _unfused(real, x, weight, *, rms_eps=None, geglu=False, residual=None, resid
 
 @pytest.mark.gpu
 @needs_triton
-@needs_cuda
 def test_bf16_sampling_with_fused_gemms_in_compiled_graphs():
     model, obs, noise = _tiny_bf16_cuda()
     assert_kernels_match_in_compiled_graphs(model, obs, noise, "small_gemm")
@@ -158,7 +155,6 @@ def test_bf16_sampling_with_fused_gemms_in_compiled_graphs():
 
 @pytest.mark.gpu
 @needs_triton
-@needs_cuda
 def test_graph_replay_with_fused_gemms_follows_weight_and_norm_updates():
     model, obs, noise = _tiny_bf16_cuda()
     sampler = apply_speed_paths(model, SpeedConfig(cuda_graphs=True))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pi0_lightning.policy.fast import fast_to_paligemma
+from pi0_lightning.policy.fast_tokenizer import fast_to_paligemma
 from pi0_lightning.policy.tokenizer import EOS_ID, FASTPromptTokenizer, train_small_tokenizer
 
 

@@ -8,8 +8,8 @@ import torch
 
 from pi0_lightning.model.pi0_fast import EOS_ID, PI0FAST, PI0FASTConfig
 from pi0_lightning.policy.assets import small_prompt_tokenizer, smooth_chunks, synthetic_fast_tokenizer
-from pi0_lightning.policy.libero_fast import FAST_TOKENIZER_DIR, LiberoFASTPolicy
 from pi0_lightning.policy.loading import load_policy
+from pi0_lightning.policy.pi0_fast_libero import FAST_TOKENIZER_DIR, LiberoFASTPolicy
 
 pytest.importorskip("tokenizers")
 

@@ -9,9 +9,8 @@ import pytest
 import torch
 from conftest import assert_kernels_match_in_compiled_graphs, needs_triton, run_triton_interpreter
 
-from pi0_lightning.model import gemma, kernels
-
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+from pi0_lightning.model import attention_kernel as kernels
+from pi0_lightning.model import gemma
 
 
 def _case(dtype, device, b=2, h=8, kv=1, t=51, s=300, d=64, seed=0):
@@ -28,7 +27,11 @@ def _case(dtype, device, b=2, h=8, kv=1, t=51, s=300, d=64, seed=0):
 @needs_triton
 def test_kernel_matches_matmul_attention_in_the_interpreter():
     # Triton's interpreter runs the kernels on the CPU with numpy; it mis-handles bf16 dots, so float32 here
-    script = "import torch\nfrom pi0_lightning.model import gemma, kernels\n" + inspect.getsource(_case)
+    script = (
+        "import torch\nfrom pi0_lightning.model import gemma\n"
+        + "from pi0_lightning.model import attention_kernel as kernels\n"
+        + inspect.getsource(_case)
+    )
     script += textwrap.dedent(
         """
         def check(kv, **shape):
@@ -125,7 +128,6 @@ def test_layers_use_the_kernel_only_where_installed(monkeypatch):
 
 @pytest.mark.gpu
 @needs_triton
-@needs_cuda
 @pytest.mark.parametrize(
     "shape", [dict(b=2, d=64), dict(b=1, s=611, d=256), dict(b=8, s=611, d=256), dict(b=3, h=4, kv=2, t=17, s=90, d=16)]
 )
@@ -146,7 +148,6 @@ def test_kernel_matches_matmul_attention_on_cuda(shape):
 
 @pytest.mark.gpu
 @needs_triton
-@needs_cuda
 def test_kernel_rotates_queries_and_new_keys_on_cuda():
     # the denoising steps at batch 1: 51 unrotated queries and new keys after 560 rotated cached keys
     q, k, v, mask = _case(torch.bfloat16, "cuda", b=1, t=51, s=611, d=256)
@@ -163,7 +164,6 @@ def test_kernel_rotates_queries_and_new_keys_on_cuda():
 
 @pytest.mark.gpu
 @needs_triton
-@needs_cuda
 def test_kernel_matches_matmul_attention_without_cache_on_cuda():
     # the prefix pass at batch 1: 8 heads x 560 tokens against themselves, the large tiling
     q, k, v, mask = _case(torch.bfloat16, "cuda", b=1, t=560, s=560, d=256)
@@ -176,7 +176,6 @@ def test_kernel_matches_matmul_attention_without_cache_on_cuda():
 
 @pytest.mark.gpu
 @needs_triton
-@needs_cuda
 def test_bf16_sampling_with_the_kernel_in_compiled_graphs():
     from conftest import random_observation
 

@@ -8,8 +8,8 @@ import torch
 
 from pi0_lightning.model.config import PI0Config
 from pi0_lightning.model.pi0 import PI0
-from pi0_lightning.policy.libero import LiberoPolicy
 from pi0_lightning.policy.loading import load_policy
+from pi0_lightning.policy.pi0_libero import LiberoPolicy
 from pi0_lightning.policy.tokenizer import PromptTokenizer, train_small_tokenizer
 from pi0_lightning.policy.transforms import LiberoTransforms, Normalizer
 

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 
-from pi0_lightning.policy.fast import FASTActionTokenizer, dct_matrix, fast_to_paligemma
+from pi0_lightning.policy.fast_tokenizer import FASTActionTokenizer, dct_matrix, fast_to_paligemma
 
 pytest.importorskip("tokenizers")
 

@@ -26,8 +26,8 @@ import torch
 from pi0_lightning.model.observation import Observation
 from pi0_lightning.model.pi0_fast import EOS_ID, PI0FAST
 from pi0_lightning.model.speed import SpeedConfig, apply_speed_paths
-from pi0_lightning.policy.fast import FASTActionTokenizer
-from pi0_lightning.policy.libero import PolicyInput, batch_observation_inputs
+from pi0_lightning.policy.fast_tokenizer import FASTActionTokenizer
+from pi0_lightning.policy.pi0_libero import PolicyInput, batch_observation_inputs
 from pi0_lightning.policy.tokenizer import ACTION_CUE, ACTION_END, FASTPromptTokenizer
 from pi0_lightning.policy.transforms import LiberoTransforms, Normalizer
 

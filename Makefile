@@ -7,6 +7,9 @@ TORCH_VERSION ?= 2.13.0
 TRITON_VERSION ?= 3.5.0
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# OpenMP threads that spin while waiting stall torch on a small machine whose cores are also busy (env workers,
+# other jobs): the learning tests took >9.5 min instead of 4.5 with two other busy processes on 2 cores
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install test test-fast lint format demo demo-learn demo-learn-fast compare check-physics bench-cpu bench-env bench-gpu clean
 

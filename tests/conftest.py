@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from pi0_lightning.demo import reference_observation
-from pi0_lightning.model.config import IMAGE_KEYS
-from pi0_lightning.model.observation import Observation
+from pi0_lightning.model.observation import Observation, random_observation  # noqa: F401 (tests import it)
 
 OPENPI_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "openpi"
 
@@ -48,22 +47,6 @@ def converted(openpi_fixtures, tmp_path_factory):
 
 
 observation_from_reference = reference_observation
-
-
-def random_observation(config, batch_size: int = 2, seed: int = 0, prompt_lens=None) -> Observation:
-    """Random model-space inputs for a config (images in [-1, 1], right-padded prompts, third camera masked)."""
-    g = torch.Generator().manual_seed(seed)
-    size = config.vision.image_size
-    lens = prompt_lens or [min(5 + 3 * i, config.max_token_len) for i in range(batch_size)]
-    mask = torch.arange(config.max_token_len)[None] < torch.tensor(lens)[:, None]
-    tokens = torch.randint(3, config.vocab_size, (batch_size, config.max_token_len), generator=g) * mask
-    return Observation(
-        images={k: torch.rand(batch_size, 3, size, size, generator=g) * 2 - 1 for k in IMAGE_KEYS},
-        image_masks={k: torch.full((batch_size,), k != "right_wrist_0_rgb") for k in IMAGE_KEYS},
-        state=torch.randn(batch_size, config.action_dim, generator=g),
-        tokenized_prompt=tokens,
-        tokenized_prompt_mask=mask,
-    )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -16,20 +16,14 @@ from pathlib import Path
 
 import torch
 
-from pi0_lightning.model.config import IMAGE_KEYS, PI0Config
-from pi0_lightning.model.observation import Observation
+from pi0_lightning.model.config import PI0Config
+from pi0_lightning.model.observation import Observation, random_observation
 from pi0_lightning.model.pi0 import PI0
 
 
 def observation(cfg: PI0Config, batch: int) -> Observation:
-    size = cfg.vision.image_size
-    return Observation(
-        images={k: torch.rand(batch, 3, size, size) * 2 - 1 for k in IMAGE_KEYS},
-        image_masks={k: torch.full((batch,), k != "right_wrist_0_rgb") for k in IMAGE_KEYS},
-        state=torch.randn(batch, cfg.action_dim),
-        tokenized_prompt=torch.randint(3, cfg.vocab_size, (batch, cfg.max_token_len)),
-        tokenized_prompt_mask=torch.arange(cfg.max_token_len)[None].expand(batch, -1) < 20,
-    )
+    """Random inputs with a 48-token prompt of which 20 are valid (as the tables say)."""
+    return random_observation(cfg, batch, prompt_lens=[20] * batch)
 
 
 def median_ms(fn, repeats: int) -> float:

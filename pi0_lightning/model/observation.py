@@ -70,3 +70,22 @@ class Observation:
                 if getattr(first, name) is not None
             },
         )
+
+
+def random_observation(config, batch_size: int = 2, seed: int = 0, prompt_lens: list[int] | None = None) -> Observation:
+    """Random model-space inputs for a PI0 config (tests, benchmarks): images in [-1, 1], the third camera masked as
+    in LIBERO, right-padded prompts of `prompt_lens` tokens (default 5, 8, 11, ...)."""
+    from pi0_lightning.model.config import IMAGE_KEYS
+
+    g = torch.Generator().manual_seed(seed)
+    size = config.vision.image_size
+    lens = prompt_lens or [min(5 + 3 * i, config.max_token_len) for i in range(batch_size)]
+    mask = torch.arange(config.max_token_len)[None] < torch.tensor(lens)[:, None]
+    tokens = torch.randint(3, config.vocab_size, (batch_size, config.max_token_len), generator=g) * mask
+    return Observation(
+        images={k: torch.rand(batch_size, 3, size, size, generator=g) * 2 - 1 for k in IMAGE_KEYS},
+        image_masks={k: torch.full((batch_size,), k != "right_wrist_0_rgb") for k in IMAGE_KEYS},
+        state=torch.randn(batch_size, config.action_dim, generator=g),
+        tokenized_prompt=tokens,
+        tokenized_prompt_mask=mask,
+    )

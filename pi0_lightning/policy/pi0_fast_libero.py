@@ -27,7 +27,7 @@ from pi0_lightning.model.observation import Observation
 from pi0_lightning.model.pi0_fast import EOS_ID, PI0FAST
 from pi0_lightning.model.speed import SpeedConfig, apply_speed_paths
 from pi0_lightning.policy.fast_tokenizer import FASTActionTokenizer
-from pi0_lightning.policy.pi0_libero import PolicyInput, batch_observation_inputs
+from pi0_lightning.policy.pi0_libero import LiberoInputs, PolicyInput
 from pi0_lightning.policy.tokenizer import ACTION_CUE, ACTION_END, FASTPromptTokenizer
 from pi0_lightning.policy.transforms import LiberoTransforms, Normalizer
 
@@ -45,7 +45,7 @@ class TokenRecord:
     """Whether the ids held a well-formed action chunk (otherwise the env got zeros)."""
 
 
-class LiberoFASTPolicy:
+class LiberoFASTPolicy(LiberoInputs):
     def __init__(
         self,
         model: PI0FAST,
@@ -103,27 +103,12 @@ class LiberoFASTPolicy:
 
     # ------------------------------------------------------------------ inputs
 
-    def prepare(self, observations: list[dict[str, np.ndarray]], prompts: list[str]) -> list[PolicyInput]:
-        out = []
-        for (agent, wrist, state), prompt in zip(
-            batch_observation_inputs(self.transforms, observations), prompts, strict=True
-        ):
-            enc = self.tokenizer.encode_fast(prompt, self.transforms.normalizer.normalize_state(state[None])[0])
-            out.append(PolicyInput(agent, wrist, state, enc["tokens"], enc["mask"]))
-        return out
+    def prompt_tokens(self, prompt: str, raw_state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        enc = self.tokenizer.encode_fast(prompt, self.transforms.normalizer.normalize_state(raw_state[None])[0])
+        return enc["tokens"], enc["mask"]
 
-    def to_observation(self, inputs: list[PolicyInput], device: str | torch.device | None = None) -> Observation:
-        raw = np.stack([x.raw_state for x in inputs])
-        model_in = self.transforms.inputs([(x.agentview, x.wrist) for x in inputs], raw)
-        tokens = torch.from_numpy(np.stack([x.tokens for x in inputs])).long()
-        return Observation(
-            images=model_in["images"],
-            image_masks=model_in["image_masks"],
-            state=model_in["state"],
-            tokenized_prompt=tokens,
-            tokenized_prompt_mask=torch.from_numpy(np.stack([x.token_mask for x in inputs])),
-            token_ar_mask=torch.zeros_like(tokens),
-        ).to(device if device is not None else self.device)
+    def extra_fields(self, tokens: torch.Tensor) -> dict:
+        return {"token_ar_mask": torch.zeros_like(tokens)}  # the prefix attends bidirectionally
 
     def training_observation(
         self, inputs: list[PolicyInput], chunks: np.ndarray, device: str | torch.device | None = None

@@ -48,7 +48,44 @@ def batch_observation_inputs(
     return thread_map(partial(observation_inputs, transforms), observations)
 
 
-class LiberoPolicy:
+class LiberoInputs:
+    """What the PI0 and PI0-FAST LIBERO policies share: env observations -> the stored `PolicyInput`s -> the model's
+    `Observation`. A policy says how a prompt (and the chunk-start state) becomes tokens (`prompt_tokens`) and which
+    extra `Observation` fields its model reads (`extra_fields`)."""
+
+    transforms: LiberoTransforms
+    device: torch.device
+    drop_masked_cameras: bool = False
+
+    def prompt_tokens(self, prompt: str, raw_state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def extra_fields(self, tokens: torch.Tensor) -> dict:
+        return {}
+
+    def prepare(self, observations: list[dict[str, np.ndarray]], prompts: list[str]) -> list[PolicyInput]:
+        inputs = batch_observation_inputs(self.transforms, observations)
+        return [
+            PolicyInput(agent, wrist, state, *self.prompt_tokens(prompt, state))
+            for (agent, wrist, state), prompt in zip(inputs, prompts, strict=True)
+        ]
+
+    def to_observation(self, inputs: list[PolicyInput], device: str | torch.device | None = None) -> Observation:
+        raw = np.stack([x.raw_state for x in inputs])
+        model_in = self.transforms.inputs([(x.agentview, x.wrist) for x in inputs], raw)
+        keep = [k for k, m in model_in["image_masks"].items() if m.any() or not self.drop_masked_cameras]
+        tokens = torch.from_numpy(np.stack([x.tokens for x in inputs])).long()
+        return Observation(
+            images={k: model_in["images"][k] for k in keep},
+            image_masks={k: model_in["image_masks"][k] for k in keep},
+            state=model_in["state"],
+            tokenized_prompt=tokens,
+            tokenized_prompt_mask=torch.from_numpy(np.stack([x.token_mask for x in inputs])),
+            **self.extra_fields(tokens),
+        ).to(device if device is not None else self.device)
+
+
+class LiberoPolicy(LiberoInputs):
     def __init__(
         self,
         model: PI0,
@@ -99,31 +136,10 @@ class LiberoPolicy:
         tok = PromptTokenizer.from_file(tokenizer_file, max_len=model.config.max_token_len)
         return cls(model, tok, transforms, **kwargs)
 
-    def _tokenize(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
+    def prompt_tokens(self, prompt: str, raw_state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if prompt not in self._prompt_cache:
             self._prompt_cache[prompt] = self.tokenizer.encode(prompt)
         return self._prompt_cache[prompt]
-
-    def prepare(self, observations: list[dict[str, np.ndarray]], prompts: list[str]) -> list[PolicyInput]:
-        out = []
-        for (agent, wrist, state), prompt in zip(
-            batch_observation_inputs(self.transforms, observations), prompts, strict=True
-        ):
-            tokens, mask = self._tokenize(prompt)
-            out.append(PolicyInput(agent, wrist, state, tokens, mask))
-        return out
-
-    def to_observation(self, inputs: list[PolicyInput], device: str | torch.device | None = None) -> Observation:
-        raw = np.stack([x.raw_state for x in inputs])
-        model_in = self.transforms.inputs([(x.agentview, x.wrist) for x in inputs], raw)
-        keep = [k for k, m in model_in["image_masks"].items() if m.any() or not self.drop_masked_cameras]
-        return Observation(
-            images={k: model_in["images"][k] for k in keep},
-            image_masks={k: model_in["image_masks"][k] for k in keep},
-            state=model_in["state"],
-            tokenized_prompt=torch.from_numpy(np.stack([x.tokens for x in inputs])).long(),
-            tokenized_prompt_mask=torch.from_numpy(np.stack([x.token_mask for x in inputs])),
-        ).to(device if device is not None else self.device)
 
     guidance: float | None = None
     """CFG weight w (None: plain sampling; needs a model trained with CFG conditions otherwise)."""

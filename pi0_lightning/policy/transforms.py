@@ -66,7 +66,6 @@ import torch
 from PIL import Image
 
 NORM_STATS_FILENAME = "norm_stats.json"
-IMAGE_KEYS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
 _EPS = 1e-6
 
 # openpi's LIBERO delta mask: make_bool_mask(6, -1) -> the 6 eef pose dims are deltas, the gripper is absolute.
@@ -393,10 +392,8 @@ class LiberoTransforms:
         return pad_to_dim(self.normalizer.normalize_state(raw_states), self.model_action_dim)
 
     def inputs(self, images: Sequence[tuple[np.ndarray, np.ndarray]] | np.ndarray, raw_states: Any) -> dict:
-        """Batch of (agentview, wrist) uint8 HWC pairs (as from :meth:`camera_images`) and raw states -> model inputs.
-
-        Images of another size are passed through ``resize_with_pad`` first, as openpi's ``ResizeImages`` does.
-        """
+        """Batch of (agentview, wrist) uint8 HWC pairs, already at ``image_size`` (:meth:`camera_images` rotates and
+        resizes them once, as openpi's ``ResizeImages``), and raw states -> model inputs."""
         raw_states = np.asarray(raw_states)
         if raw_states.ndim != 2:
             raise ValueError(f"raw_states must be (B, D), got shape {raw_states.shape}")
@@ -408,8 +405,13 @@ class LiberoTransforms:
         for pair in images:
             if len(pair) != 2:
                 raise ValueError("each images entry must be an (agentview, wrist) pair")
-            base.append(image_to_model(resize_with_pad(np.asarray(pair[0]), s, s)))
-            wrist.append(image_to_model(resize_with_pad(np.asarray(pair[1]), s, s)))
+            for image in pair:
+                if np.shape(image)[-3:] != (s, s, 3):
+                    raise ValueError(
+                        f"images must be {s}x{s}x3 uint8 (camera_images resizes them), got {np.shape(image)}"
+                    )
+            base.append(image_to_model(np.asarray(pair[0])))
+            wrist.append(image_to_model(np.asarray(pair[1])))
         base_t = torch.from_numpy(np.stack(base))
         # zeros_like(uint8 image) -> 0 / 255 * 2 - 1 = -1 everywhere.
         right_t = torch.full_like(base_t, -1.0)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+from pi0_lightning.model.config import IMAGE_KEYS
 from pi0_lightning.policy.transforms import (
-    IMAGE_KEYS,
     LiberoTransforms,
     Normalizer,
     NormStats,
@@ -325,7 +325,7 @@ def test_inputs_shapes_dtypes_and_masks():
     t = _delta_transforms()
     agent = np.full((224, 224, 3), 255, dtype=np.uint8)
     wrist = np.zeros((224, 224, 3), dtype=np.uint8)
-    odd = np.full((100, 200, 3), 255, dtype=np.uint8)  # not 224: resized with padding first
+    odd = resize_with_pad(np.full((100, 200, 3), 255, dtype=np.uint8), 224, 224)  # as camera_images pads it
     states = np.array([[0.5] * 8, [-1.0] * 8])
     out = t.inputs([(agent, wrist), (odd, wrist)], states)
     assert set(out["images"]) == set(out["image_masks"]) == set(IMAGE_KEYS)
@@ -350,8 +350,10 @@ def test_inputs_shapes_dtypes_and_masks():
     assert fast["image_masks"]["right_wrist_0_rgb"].tolist() == [True]
 
 
-def test_inputs_rejects_mismatched_batch():
+def test_inputs_rejects_mismatched_batch_and_unsized_images():
     t = _delta_transforms()
     img = np.zeros((224, 224, 3), dtype=np.uint8)
     with pytest.raises(ValueError, match="2 states"):
         t.inputs([(img, img)], np.zeros((2, 8)))
+    with pytest.raises(ValueError, match=r"224x224.*camera_images"):
+        t.inputs([(np.zeros((256, 256, 3), np.uint8), img)], np.zeros((1, 8)))

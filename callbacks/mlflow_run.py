@@ -19,7 +19,7 @@ def _mlflow(trainer: L.Trainer) -> MLFlowLogger | None:
 class MLflowRunFile(L.Callback):
     """Writes {run_id, tracking_uri} to `path` (point the logger's `run_file` at the same file) and into every
     Lightning checkpoint, and logs the resolved config.yaml as an artifact and, for LIBERO, the simulator stack
-    (`sim/mujoco`, `sim/robosuite`, `sim/libero_package`, `sim/render_backend`) as parameters."""
+    (`sim/mujoco`, `sim/robosuite`, `sim/robot_model`, `sim/libero_package`, `sim/render_backend`) as parameters."""
 
     def __init__(self, path: str | None = None, config_file: str | None = None):
         """
@@ -49,7 +49,8 @@ class MLflowRunFile(L.Callback):
         if getattr(env, "name", None) == "libero":
             from pi0_lightning.envs.physics import stack_versions
 
-            logger.log_hyperparams({f"sim/{k}": v for k, v in stack_versions().items()})
+            stack = stack_versions(getattr(env, "wrist_collision", True))
+            logger.log_hyperparams({f"sim/{k}": v for k, v in stack.items()})
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._record(trainer)

@@ -56,8 +56,8 @@ class EvalResult:
         if self.stack:
             st = self.stack
             lines += [
-                f"Simulator: MuJoCo {st['mujoco']}, robosuite {st['robosuite']}, {st['libero_package']}, "
-                f"render {st['render_backend']}",
+                f"Simulator: MuJoCo {st['mujoco']}, robosuite {st['robosuite']}, {st['robot_model']}, "
+                f"{st['libero_package']}, render {st['render_backend']}",
                 "",
             ]
         lines += ["| task | instruction | episodes | successes | success rate |", "|---|---|---|---|---|"]

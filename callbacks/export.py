@@ -11,6 +11,15 @@ from pi0_lightning.callbacks.paths import under_root
 
 
 class SafetensorsExport(L.Callback):
+    """At the end of fit, writes the policy as a pi0_lightning checkpoint directory (float32 safetensors, LoRA merged,
+    norm stats and tokenizer bundled).
+
+    What loads it: `PI0.from_pretrained(DIR)` (or `load_pretrained`) and `python -m pi0_lightning.evaluate
+    --checkpoint DIR` read the directory as it is, CFG condition embedding included (any guidance w, `--guidance`);
+    `pi0-convert export-lerobot DIR OUT` turns it into a LeRobot checkpoint, with a CFG condition folded in as
+    guidance w = 1 (LeRobot's PI0 has no condition embedding, so w > 1 is lost there).
+    """
+
     def __init__(self, dirpath: str | None = None):
         """
         Args:

@@ -13,7 +13,8 @@ class RolloutVideoLogger(L.Callback):
     def __init__(self, dirpath: str | None = None, max_videos: int = 4, fps: int = 10):
         """
         Args:
-            dirpath: where mp4s are written (iteration_XXXX/ subfolders; default: <root dir>/videos).
+            dirpath: where mp4s are written, in iteration_NNNN/ subfolders (N = RL iterations trained; default:
+                <root dir>/videos).
             max_videos: videos per validation run.
             fps: frames per second.
         """
@@ -29,15 +30,14 @@ class RolloutVideoLogger(L.Callback):
         episodes = list(getattr(pl_module, "val_episodes", []))[: self.max_videos]
         if not trainer.is_global_zero or not episodes:
             return
-        from pi0_lightning.evaluate import write_videos
-
-        out = self.dirpath / f"iteration_{trainer.current_epoch:04d}"
-        paths = write_videos(episodes, out, fps=self.fps)
         from lightning.pytorch.loggers import MLFlowLogger
 
+        from pi0_lightning.callbacks.mlflow_run import iterations_trained
+        from pi0_lightning.evaluate import write_videos
+
+        folder = f"iteration_{iterations_trained(trainer, pl_module):04d}"
+        paths = write_videos(episodes, self.dirpath / folder, fps=self.fps)
         for logger in trainer.loggers:
             if isinstance(logger, MLFlowLogger):
                 for p in paths:
-                    logger.experiment.log_artifact(
-                        logger.run_id, str(p), f"videos/iteration_{trainer.current_epoch:04d}"
-                    )
+                    logger.experiment.log_artifact(logger.run_id, str(p), f"videos/{folder}")

@@ -2,10 +2,13 @@
 
     pi0-convert openpi CKPT_DIR OUT_DIR          # orbax params/ (+ assets/*/norm_stats.json) -> ours
     pi0-convert lerobot SRC OUT_DIR              # openpi-PyTorch or LeRobot model.safetensors -> ours
-    pi0-convert export-lerobot OUR_DIR OUT_DIR   # ours -> current LeRobot layout
+    pi0-convert export-lerobot OUR_DIR OUT_DIR   # ours -> current LeRobot layout (CFG condition folded in as w = 1)
 
 Every failure prints one line and exits with code 2; outputs are written to a temporary directory and renamed into
 place only when complete, so nothing half-written is ever left behind.
+
+LeRobot's PI0 has no advantage-condition embedding: a policy trained by RL with CFG is exported as its guidance w = 1
+(positive-conditioned) policy, exactly; guidance w > 1 needs the embedding and is not expressible in LeRobot's layout.
 """
 
 from __future__ import annotations
@@ -147,13 +150,21 @@ def convert_lerobot(args: argparse.Namespace) -> Path:
 
 def export_lerobot(args: argparse.Namespace) -> Path:
     model = load_pretrained(args.src, dtype="float32")
-    state = lerobot.state_dict_to_lerobot(model.state_dict())
+    state, config = lerobot.fold_cfg_condition(model.state_dict(), model.config)
+    state = lerobot.state_dict_to_lerobot(state)
     norm_stats = read_norm_stats(args.src)
     with atomic_output_dir(Path(args.out), overwrite=args.overwrite) as tmp:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        (tmp / CONFIG).write_text(json.dumps(lerobot.lerobot_config(model.config), indent=2) + "\n")
+        (tmp / CONFIG).write_text(json.dumps(lerobot.lerobot_config(config), indent=2) + "\n")
         if norm_stats is not None:
             (tmp / "norm_stats.json").write_text(json.dumps(norm_stats, indent=2) + "\n")
+    if config.num_cfg_conditions != model.config.num_cfg_conditions:
+        # after the write, so that a failure still prints exactly one line
+        print(
+            f"pi0-convert {args.command}: note: CFG condition folded in as guidance w = 1 "
+            "(the positive-conditioned policy); guidance w > 1 needs the embedding, which LeRobot's PI0 lacks",
+            file=sys.stderr,
+        )
     return Path(args.out)
 
 
@@ -183,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-dim", type=int, help="Gemma head_dim if config.json names no known variant (default 256)")
     p.add_argument("--vision-heads", type=int, help="SigLIP heads for non-standard widths (default 16 for 1152)")
     p.set_defaults(fn=convert_lerobot)
-    p = sub.add_parser("export-lerobot", help="ours -> current LeRobot layout")
+    p = sub.add_parser("export-lerobot", help="ours -> current LeRobot layout (CFG condition folded in as w = 1)")
     common(p, importing=False)
     p.set_defaults(fn=export_lerobot)
     return parser

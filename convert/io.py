@@ -7,6 +7,7 @@ renamed into place only after everything is written. A rename within one parent 
 
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 import warnings
@@ -39,6 +40,7 @@ def atomic_output_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterat
     try:
         tmp_dir.mkdir()
         yield tmp_dir
+        _apply_umask_modes(tmp_dir)
         _replace_dir(tmp_dir, out_dir)
     except BaseException:
         # BaseException too, so Ctrl-C does not leave a half-written directory behind.
@@ -52,6 +54,24 @@ def _check_target(out_dir: Path, *, overwrite: bool) -> None:
         raise ConversionError(f"output path {out_dir} exists and is not a directory")
     if out_dir.is_dir() and not overwrite and any(out_dir.iterdir()):
         raise ConversionError(f"output directory {out_dir} exists and is not empty (use overwrite to replace it)")
+
+
+def _apply_umask_modes(root: Path) -> None:
+    """Give ``root`` and everything below it the modes a plain ``mkdir`` / ``open`` would have under the umask.
+
+    Some writers create owner-only files (safetensors' ``save_file`` writes through a private temporary file, so
+    ``model.safetensors`` would be 0o600 beside a 0o644 ``config.json``); renamed into place as they are, the
+    checkpoint could not be read by other users or a shared cache.
+    """
+    umask = os.umask(0)
+    os.umask(umask)  # restored at once: reading the umask is only possible by setting it
+    dir_mode, file_mode = 0o777 & ~umask, 0o666 & ~umask
+    for dirpath, _, filenames in os.walk(root):  # does not descend into symlinked directories
+        os.chmod(dirpath, dir_mode)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):  # chmod would change the link's target, which may lie outside root
+                os.chmod(path, file_mode)
 
 
 def _make_parents(parent: Path) -> list[Path]:

@@ -11,6 +11,9 @@ Key layouts handled (facts from openpi's `pi0_pytorch.py` and LeRobot's `modelin
 Attention head counts and head_dim are not visible in HF-style weight shapes (q_proj is (heads * head_dim, width)),
 so they come from, in order: a `pi0_lightning` section that `export-lerobot` writes into `config.json`, the Gemma
 variant names in `config.json`, explicit overrides, then the real models' values (head_dim 256, SigLIP 16 heads).
+
+LeRobot's PI0 has no advantage-condition embedding (`cfg_embed`, added by RL with CFG): the export folds the
+positive condition into a bias (`fold_cfg_condition`), which keeps the guidance w = 1 policy exactly and loses w != 1.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 
 from pi0_lightning.convert.errors import ConversionError
 from pi0_lightning.model.config import GEMMA_VARIANTS, GemmaConfig, PI0Config, SiglipConfig
+from pi0_lightning.model.pi0 import COND_POSITIVE
 
 PWE = "paligemma_with_expert."
 VISION = PWE + "paligemma.model.vision_tower.vision_model."
@@ -199,6 +203,24 @@ def lerobot_to_state_dict(
         more = f" (+{len(leftover) - 10} more)" if len(leftover) > 10 else ""
         raise ConversionError(f"unknown tensor(s) in LeRobot checkpoint: {', '.join(leftover[:10])}{more}")
     return out
+
+
+def fold_cfg_condition(state: dict[str, torch.Tensor], config: PI0Config) -> tuple[dict[str, torch.Tensor], PI0Config]:
+    """Our state dict and config without `cfg_embed`, its positive row added to the bias of the action-token path's
+    last linear layer (PI0: `action_time_mlp_out`; PI0.5: `action_in_proj`); unchanged without a CFG embedding.
+
+    LeRobot's PI0 has no condition embedding. The model adds the condition's row, a constant, to every action token
+    right after that layer, so the folded weights compute the positive-conditioned policy exactly: guidance w = 1,
+    the rollout policy of RIPT-CFG. Guidance w > 1 extrapolates between the null and positive branches' velocities,
+    two passes through the whole network, which no single set of weights without the embedding reproduces.
+    """
+    if "cfg_embed.weight" not in state:
+        return state, config
+    bias = "action_in_proj.bias" if config.pi05 else "action_time_mlp_out.bias"
+    out = {k: v for k, v in state.items() if k != "cfg_embed.weight"}
+    # a new tensor: state_dict() shares storage with the model, which must keep computing what it did
+    out[bias] = state[bias] + state["cfg_embed.weight"][COND_POSITIVE].to(state[bias].dtype)
+    return out, dataclasses.replace(config, num_cfg_conditions=0)
 
 
 def state_dict_to_lerobot(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -133,6 +133,21 @@ def load_state_dict_file(file: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{file}: cannot read safetensors ({e})") from None
 
 
+def check_weights(path: str | Path) -> None:
+    """Check a checkpoint directory's weights against its config.json from the safetensors header alone (names and
+    shapes; a truncated or garbled file fails here), without reading tensors: cheap enough to run before a run
+    creates anything."""
+    path = Path(path)
+    config = read_config(path)
+    file = path / WEIGHTS
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            got = {k: torch.Size(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{file}: cannot read safetensors ({e})") from None
+    check_state_dict({k: v.shape for k, v in build_model(config).state_dict().items()}, got, str(path))
+
+
 def load_pretrained(path: str | Path, dtype: str | None = None, device: str | torch.device = "cpu") -> PI0 | PI0FAST:
     path = Path(path)
     config = read_config(path)

@@ -17,7 +17,7 @@ COLUMNS = [
     ("rollout/success_rate", "rollout success"),
     ("rollout/useful_group_frac", "useful groups"),
     ("train/loss", "train loss"),
-    ("iteration", "iterations"),
+    ("iteration", "iterations"),  # the last finished iteration's index, shown as a count
     ("rollout/env_steps_per_s", "env steps/s"),
 ]
 
@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for exp in experiments:
         for run in client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"]):
-            m = run.data.metrics
+            m = dict(run.data.metrics)
+            if "iteration" in m:
+                m["iteration"] = int(m["iteration"]) + 1
             rows.append([exp.name, run.info.run_name or run.info.run_id[:8], run.info.status.lower()]
                         + [fmt(m.get(k)) for k, _ in COLUMNS])  # fmt: skip
     if not rows:

@@ -127,15 +127,14 @@ def summarize(
 
 
 def write_videos(results: list[EpisodeResult], out: Path, fps: int = 10) -> list[Path]:
+    """One mp4 per episode that recorded frames, written directly into `out` (created if missing)."""
     import imageio.v2 as imageio
 
     paths = []
     for r in results:
         if not r.frames:
             continue
-        path = (
-            out / "videos" / f"task{r.request.task_id}_init{r.request.init_state}_{'ok' if r.success else 'fail'}.mp4"
-        )
+        path = out / f"task{r.request.task_id}_init{r.request.init_state}_{'ok' if r.success else 'fail'}.mp4"
         path.parent.mkdir(parents=True, exist_ok=True)
         # robosuite renders upside down; show the scene upright
         imageio.mimwrite(path, [np.ascontiguousarray(f[::-1]) for f in r.frames], fps=fps, macro_block_size=1)
@@ -270,11 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     payload = {**asdict(result), "checkpoint": str(Path(args.checkpoint).resolve()), "config": vars(args)}
     (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
     (out / "results.md").write_text(result.markdown())
-    videos = write_videos(episodes, out)
+    video_dir = out / "videos"
+    videos = write_videos(episodes, video_dir)
     print(result.markdown())
     print(
         f"results: {out / 'results.md'}, {out / 'results.json'}"
-        + (f", {len(videos)} videos in {out / 'videos'}" if videos else "")
+        + (f", {len(videos)} videos in {video_dir}" if videos else "")
     )
     return 0
 

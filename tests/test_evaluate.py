@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("libero.libero", reason="LIBERO is not installed (pip install 'pi0-lightning[libero]')")
 
-from pi0_lightning.evaluate import main  # noqa: E402
+from pi0_lightning.evaluate import main, write_videos  # noqa: E402
+from pi0_lightning.rollout.types import EpisodeRequest, EpisodeResult  # noqa: E402
+
+
+def test_write_videos_writes_into_the_given_folder(tmp_path: Path) -> None:
+    frames = [np.full((16, 16, 3), i * 40, dtype=np.uint8) for i in range(4)]
+    results = [
+        EpisodeResult(EpisodeRequest(task_id=3, init_state=1, prompt="p"), success=True, frames=frames),
+        EpisodeResult(EpisodeRequest(task_id=4, init_state=0, prompt="p")),  # no frames recorded: no video
+    ]
+    paths = write_videos(results, tmp_path / "clips", fps=5)
+    assert paths == [tmp_path / "clips" / "task3_init1_ok.mp4"]
+    assert [p.relative_to(tmp_path) for p in tmp_path.rglob("*.mp4")] == [Path("clips/task3_init1_ok.mp4")]
+    assert paths[0].stat().st_size > 0
 
 
 def test_evaluation_table_from_converted_fixture(converted, tmp_path):
@@ -30,7 +45,7 @@ def test_evaluation_table_from_converted_fixture(converted, tmp_path):
         "| 0 | pick up the black bowl" in markdown
         and "Simulator: MuJoCo 3.2.3, robosuite 1.4.0, Panda of robosuite 1.4.1" in markdown
     )
-    assert len(list((out / "videos").glob("*.mp4"))) == 1
+    assert [p.relative_to(out).parent for p in out.rglob("*.mp4")] == [Path("videos")]
 
 
 @pytest.mark.parametrize(

@@ -107,6 +107,9 @@ class PI0RLModule(L.LightningModule):
         self._generator = torch.Generator().manual_seed(seed)
         self.val_metrics: torch.nn.ModuleList | None = None
         self.val_episodes: list = []
+        self.iterations_trained = 0
+        """RL iterations whose training is in the current weights: what validation results and videos are labelled
+        with (0 = the initial weights; `validate --ckpt_path` takes it from the checkpoint)."""
 
     # ------------------------------------------------------------------ model and policy
 
@@ -169,6 +172,7 @@ class PI0RLModule(L.LightningModule):
     # ------------------------------------------------------------------ training
 
     def on_train_epoch_start(self) -> None:
+        self.iterations_trained = self.current_epoch
         iteration = self.trainer.datamodule.iteration
         for key, value in iteration.metrics.items():
             self.log(key, value, on_step=False, on_epoch=True, sync_dist=True, batch_size=1)
@@ -212,6 +216,8 @@ class PI0RLModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self.val_episodes = []
+        if self.trainer.state.fn == "fit":  # validation runs after the epoch's training
+            self.iterations_trained = self.current_epoch + 1
 
     def validation_step(self, batch: list[list], batch_idx: int) -> None:
         """`batch[i]`: the episodes of this batch's requests under evaluation setting i (`RolloutDataModule`)."""
@@ -238,6 +244,8 @@ class PI0RLModule(L.LightningModule):
         checkpoint["pi0_policy_assets"] = self.assets.to_checkpoint()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # checkpoints are written after an iteration's training (at its end, or when its validation ends)
+        self.iterations_trained = checkpoint.get("epoch", -1) + 1
         saved = checkpoint.get("pi0_policy_assets")
         if saved and saved.get("tokenizer_bytes") is not None:
             # Lightning restores after setup(): replace what setup resolved, and rebuild the policy lazily

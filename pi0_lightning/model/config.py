@@ -152,6 +152,13 @@ def tiny_gemma() -> GemmaConfig:
     return GemmaConfig(width=64, depth=2, mlp_dim=128, num_heads=4, num_kv_heads=1, head_dim=16)
 
 
+# A random tiny model gets a small SentencePiece tokenizer trained on its few instructions (policy/assets.py). With
+# so little text it splits prompts almost into characters: LIBERO's instructions take up to 76 ids there, where
+# PaliGemma's vocabulary keeps them within openpi's 48. No id covers less than one character of ASCII text, so a
+# prompt needs at most len(instruction) + 2 ids (BOS, the "\n" answer cue): 96 holds LIBERO's longest (88
+# characters) whichever tasks the tokenizer was trained on.
+TINY_MAX_TOKEN_LEN = 96
+
 VARIANTS: dict[str, Any] = {
     "pi0": lambda: {},
     "pi05": lambda: {"pi05": True, "max_token_len": 200},
@@ -170,6 +177,7 @@ VARIANTS: dict[str, Any] = {
         "paligemma": tiny_gemma(),
         "action_expert": dataclasses.replace(tiny_gemma(), width=32, mlp_dim=64),
         "vocab_size": 1024,
+        "max_token_len": TINY_MAX_TOKEN_LEN,
     },
     "pi05_tiny": lambda: {
         "pi05": True,
@@ -177,7 +185,7 @@ VARIANTS: dict[str, Any] = {
         "paligemma": tiny_gemma(),
         "action_expert": dataclasses.replace(tiny_gemma(), width=32, mlp_dim=64),
         "vocab_size": 1024,
-        "max_token_len": 48,
+        "max_token_len": TINY_MAX_TOKEN_LEN,  # LIBERO prompts carry no state here either (policy/pi0_libero.py)
     },
 }
 VARIANTS["pi0_micro"] = lambda: {  # pi0_tiny at 112x112 pixels (64 patches per camera): the CPU learning proof

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
+from pi0_lightning import signals
 from pi0_lightning.envs.pool import EnvPool, WorkerFailure
 from pi0_lightning.rollout.types import Chunk, ChunkPolicy, EpisodeRequest, EpisodeResult, RolloutStats
 
@@ -163,6 +164,7 @@ class RolloutCollector:
                 padded = np.zeros_like(model_actions[k], dtype=np.float32)
                 chunks[id(s)] = Chunk(inputs[k], padded, 0, s.result.length, records[k])
             for j in range(cfg.replan_steps):
+                signals.check()  # a preempted run stops here, not after the iteration
                 active = [s for s in active if not s.done]
                 if not active:
                     break

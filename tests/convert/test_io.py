@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -109,3 +112,23 @@ def test_result_gets_normal_directory_permissions(tmp_path: Path) -> None:
     with atomic_output_dir(tmp_path / "out"):
         pass
     assert (tmp_path / "out").stat().st_mode == reference.stat().st_mode
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+@pytest.mark.usefixtures("umask_022")
+def test_saved_checkpoint_gets_umask_modes(tmp_path: Path) -> None:
+    # safetensors writes model.safetensors through an owner-only temporary file, unlike config.json
+    from pi0_lightning.checkpoint import save_pretrained
+    from pi0_lightning.model.config import PI0Config
+    from pi0_lightning.model.pi0 import PI0
+
+    out = save_pretrained(PI0(PI0Config.variant("pi0_tiny")), tmp_path / "ckpt", norm_stats={"norm_stats": {}})
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    for name in ("model.safetensors", "config.json", "norm_stats.json"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, name

@@ -1,14 +1,20 @@
-"""openpi-PyTorch / LeRobot layouts: export, import (new, old, prefix-less, lm_head-only) and round trips."""
+"""openpi-PyTorch / LeRobot layouts: export, import (new, old, prefix-less, lm_head-only) and round trips; a CFG
+condition folded in on export."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import random_observation
 from safetensors.torch import load_file, save_file
 
 from pi0_lightning.convert.cli import main
+from pi0_lightning.convert.lerobot import fold_cfg_condition, state_dict_to_lerobot
+from pi0_lightning.model.config import PI0Config, tiny_vision
+from pi0_lightning.model.pi0 import COND_POSITIVE, PI0
 
 NEW_PREFIX = "model.paligemma_with_expert."
 
@@ -123,3 +129,57 @@ def test_bad_lerobot_weights_fail_cleanly(exported, tmp_path, capsys, problem):
     assert err.count("\n") == 1
     assert {"missing": "o_proj", "unknown": "surprise", "shape": "o_proj"}[problem] in err
     assert not (tmp_path / "never").exists()
+
+
+# A policy after RL with CFG: LeRobot has no condition embedding, so the export folds its positive row into a bias
+
+
+@pytest.fixture(params=["pi0_tiny", "pi05_tiny"])
+def cfg_policy(request, tmp_path) -> tuple[PI0, Path]:
+    torch.manual_seed(0)
+    # small images and prompts: the fold does not depend on the prefix, and two CPU cores are shared
+    config = PI0Config.variant(request.param, action_horizon=4, vision=tiny_vision(56), max_token_len=8)
+    model = PI0(config).add_cfg_conditions(2).eval()
+    with torch.no_grad():
+        model.cfg_embed.weight.normal_()  # zero-initialised otherwise: the fold would change nothing
+    model.save_pretrained(tmp_path / "ours")
+    return model, tmp_path / "ours"
+
+
+def test_cfg_condition_is_folded_in_as_guidance_one(cfg_policy, tmp_path, capsys):
+    model, ours = cfg_policy
+    assert main(["export-lerobot", str(ours), str(tmp_path / "lerobot")]) == 0
+    assert "w = 1" in capsys.readouterr().err
+    exported = load_file(str(tmp_path / "lerobot" / "model.safetensors"))
+    assert not any("cfg_embed" in k for k in exported)
+    bias = "action_in_proj.bias" if model.config.pi05 else "action_time_mlp_out.bias"
+    torch.testing.assert_close(
+        exported["model." + bias], model.state_dict()[bias] + model.cfg_embed.weight[COND_POSITIVE].detach()
+    )
+
+    assert main(["lerobot", str(tmp_path / "lerobot"), str(tmp_path / "back")]) == 0
+    back = PI0.from_pretrained(tmp_path / "back")
+    assert back.cfg_embed is None and back.config.num_cfg_conditions == 0
+    obs = random_observation(model.config, batch_size=2, seed=1)
+    noise = torch.randn(2, 4, model.config.action_dim, generator=torch.Generator().manual_seed(2))
+    expected = model.sample_actions(obs, noise=noise, num_steps=3, guidance=1.0)
+    torch.testing.assert_close(back.sample_actions(obs, noise=noise, num_steps=3), expected)
+    # the condition matters: without it (or with the null one) the policy differs
+    assert not torch.allclose(model.sample_actions(obs, noise=noise, num_steps=3), expected, atol=1e-3)
+    assert not torch.allclose(model.sample_actions(obs, noise=noise, num_steps=3, guidance=0.0), expected, atol=1e-3)
+
+
+def test_export_without_cfg_embedding_is_unchanged(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = PI0(PI0Config.variant("pi0_tiny", action_horizon=4, vision=tiny_vision(56), max_token_len=8))
+    state = model.state_dict()
+    assert fold_cfg_condition(state, model.config) == (state, model.config)
+    model.save_pretrained(tmp_path / "ours")
+    assert main(["export-lerobot", str(tmp_path / "ours"), str(tmp_path / "lerobot")]) == 0
+    assert capsys.readouterr().err == ""
+    exported = load_file(str(tmp_path / "lerobot" / "model.safetensors"))
+    expected = state_dict_to_lerobot(state)
+    assert exported.keys() == expected.keys()
+    for k in expected:
+        assert torch.equal(exported[k], expected[k]), k
+    assert json.loads((tmp_path / "lerobot" / "config.json").read_text())["pi0_lightning"] == model.config.to_dict()

@@ -32,37 +32,20 @@ def write_config(
             "enable_progress_bar": False,
             "logger": [
                 {
-                    "class_path": "lightning.pytorch.loggers.CSVLogger",
-                    "init_args": {"save_dir": str(run), "name": "csv"},
-                },
-                {
                     "class_path": "pi0_lightning.lit.logger.MLflowLogger",
-                    "init_args": {
-                        "experiment_name": "test",
-                        "db": str(tmp_path / "mlflow.db"),
-                        "run_file": str(run / "checkpoints" / "mlflow_run.json"),
-                    },
+                    "init_args": {"experiment_name": "test", "db": str(tmp_path / "mlflow.db")},
                 },
             ],
-            "callbacks": [
+            "callbacks": [  # every output under default_root_dir, where the callbacks put it by default
                 {
                     "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"dirpath": str(run / "checkpoints"), "save_last": True, "every_n_epochs": 1},
+                    "init_args": {"save_last": True, "every_n_epochs": 1},
                 },
-                {
-                    "class_path": "pi0_lightning.callbacks.MLflowRunFile",
-                    "init_args": {"path": str(run / "checkpoints" / "mlflow_run.json")},
-                },
-                {"class_path": "pi0_lightning.callbacks.RolloutStatsWriter", "init_args": {"dirpath": str(run)}},
-                {
-                    "class_path": "pi0_lightning.callbacks.RolloutVideoLogger",
-                    "init_args": {"dirpath": str(run / "videos")},
-                },
-                {"class_path": "pi0_lightning.callbacks.SuccessRatePlot", "init_args": {"dirpath": str(run)}},
-                {
-                    "class_path": "pi0_lightning.callbacks.SafetensorsExport",
-                    "init_args": {"dirpath": str(run / "export")},
-                },
+                {"class_path": "pi0_lightning.callbacks.MLflowRun"},
+                {"class_path": "pi0_lightning.callbacks.RolloutStatsWriter"},
+                {"class_path": "pi0_lightning.callbacks.RolloutVideoLogger"},
+                {"class_path": "pi0_lightning.callbacks.SuccessRatePlot"},
+                {"class_path": "pi0_lightning.callbacks.SafetensorsExport"},
                 *(extra_callbacks or []),
             ],
         },

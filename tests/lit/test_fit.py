@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import torch
 from lit_config import write_config
 
 from pi0_lightning.cli import main
@@ -45,7 +42,7 @@ def test_fit_then_validate(tmp_path):
     keys += ["rollout/env_steps_per_s", "rollout/policy_ms_per_call", "rollout/adv_abs_mean", "train/fm_null"]
     for key in keys:
         assert f"metrics.{key}" in runs.columns and runs[f"metrics.{key}"].notna().all(), key
-    assert (run / "success_rate.png").is_file() and list((run / "videos").rglob("*.mp4"))
+    assert (run / "success_rate.png").is_file() and list((run / "videos").glob("iteration_*/*.mp4"))
     assert main(["validate", "--config", str(config), "--ckpt_path", str(run / "checkpoints" / "last.ckpt")]) == 0
     assert len(mlflow_runs(tmp_path)) == 1  # validate continued the same MLflow run
 
@@ -62,33 +59,6 @@ def test_bad_inputs_fail_cleanly(tmp_path, capsys):
 def _cli(args: list[str], **kw) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
     return subprocess.Popen([sys.executable, "-m", "pi0_lightning.cli", *args], cwd=ROOT, env=env, **kw)
-
-
-def test_resume_after_kill_continues_iteration_optimizer_sampler_and_mlflow_run(tmp_path):
-    config = write_config(tmp_path, epochs=3)
-    run = tmp_path / "run"
-    proc = _cli(["fit", "--config", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    stats = run / "rollout_stats.jsonl"
-    deadline = time.time() + 300
-    # iteration 1 has started (its rollouts are logged at epoch start) -> kill it mid-iteration
-    while time.time() < deadline and proc.poll() is None:
-        if stats.is_file() and '"iteration": 1' in stats.read_text():
-            break
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["epoch"] == 0 and ckpt["optimizer_states"] and ckpt["mlflow"]["run_id"]
-    sampler = ckpt["RolloutDataModule"]["samplers"][0]
-    assert sampler["position"] > 0 and sampler["history"]
-    resumed = _cli(["fit", "--config", str(config), "--ckpt_path", "last"], stdout=subprocess.DEVNULL)
-    assert resumed.wait(timeout=600) == 0
-    iterations = [json.loads(line)["iteration"] for line in stats.read_text().splitlines()]
-    assert iterations[-2:] == [1, 2]  # the killed iteration 1 runs again, then 2
-    final = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert final["epoch"] == 2 and final["global_step"] > ckpt["global_step"]
-    assert final["mlflow"]["run_id"] == ckpt["mlflow"]["run_id"]
-    assert len(mlflow_runs(tmp_path)) == 1
 
 
 def test_two_process_ddp_stays_in_lockstep(tmp_path):

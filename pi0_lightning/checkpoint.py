@@ -161,6 +161,17 @@ def load_pretrained(path: str | Path, dtype: str | None = None, device: str | to
     return model.to(device).eval()
 
 
+def recorded_delta_actions(path: str | Path) -> bool | None:
+    """The delta-action setting an exported policy was trained with (config.json metadata), None if unrecorded
+    (converted checkpoints follow openpi's convention instead)."""
+    try:
+        raw = json.loads((Path(path) / CONFIG).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    value = (raw.get("metadata") or {}).get("policy", {}).get("delta_actions")
+    return bool(value) if value is not None else None
+
+
 def read_norm_stats(path: str | Path) -> dict[str, Any] | None:
     file = Path(path) / NORM_STATS
     return json.loads(file.read_text()) if file.is_file() else None
@@ -200,10 +211,12 @@ def export_pretrained(
     tokenizer_path: str | Path | None,
     fast_tokenizer: Any = None,
     lora: tuple[int, float] | None = None,
+    delta_actions: bool | None = None,
 ) -> Path:
     """A trained model as a checkpoint directory (float32 safetensors, LoRA merged, assets bundled), loadable by
     `PI0.from_pretrained` / `load_policy`. Reads parameters by name, so it also works on FSDP-wrapped models inside
-    a full-parameter context; `lora` is the (rank, alpha) the model was trained with."""
+    a full-parameter context; `lora` is the (rank, alpha) the model was trained with; `delta_actions` (the action
+    transform it was trained with) is recorded in config.json so that loaders use the same."""
     import dataclasses
     import tempfile
 
@@ -225,7 +238,13 @@ def export_pretrained(
             from pi0_lightning.policy.pi0_fast_libero import FAST_TOKENIZER_DIR
 
             assets[FAST_TOKENIZER_DIR] = fast_tokenizer.save_pretrained(Path(tmp) / FAST_TOKENIZER_DIR)
+        metadata = {"policy": {"delta_actions": delta_actions}} if delta_actions is not None else None
         out.save_pretrained(
-            path, norm_stats=norm_stats, tokenizer_path=tokenizer_path, overwrite=True, asset_dirs=assets
+            path,
+            norm_stats=norm_stats,
+            tokenizer_path=tokenizer_path,
+            overwrite=True,
+            asset_dirs=assets,
+            metadata=metadata,
         )
     return Path(path)

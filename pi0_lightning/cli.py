@@ -67,9 +67,12 @@ class _Parser(LightningArgumentParser):
 
 class PI0LightningCLI(LightningCLI):
     def __init__(self, *args, **kwargs):
+        kwargs.setdefault("subclass_mode_data", True)  # `data: {class_path: ...DemoDataModule, ...}` for SFT
         super().__init__(*args, parser_class=_Parser, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # RL configs give the data module's arguments alone
+        parser.set_defaults({"data": {"class_path": "pi0_lightning.lit.datamodule.RolloutDataModule"}})
         parser.add_argument(
             "--initial_weights",
             type=bool,
@@ -126,8 +129,15 @@ def _root(cfg) -> Path:
     return Path(cfg.trainer.default_root_dir or ".")
 
 
+def _data(cfg):
+    """The data module's arguments (`data:` holds a class_path and init_args: RolloutDataModule or DemoDataModule)."""
+    return getattr(cfg.data, "init_args", cfg.data)
+
+
 def _suite(cfg) -> str | None:
-    env = cfg.data.env
+    env = _data(cfg).env
+    if env is None:
+        return "sft"
     return getattr(env, "suite", None) if getattr(env, "name", "libero") == "libero" else getattr(env, "name", None)
 
 
@@ -255,24 +265,47 @@ def check_outputs(cfg, subcommand: str | None = None) -> None:
             raise InputError(f"MLflow store {db}: directory {db.parent} is not writable")
 
 
+def _plain(value) -> dict:
+    return vars(value) if hasattr(value, "__dict__") else dict(value or {})
+
+
+def check_dataset(data) -> None:
+    """A demonstration dataset (`DemoDataModule`) opens and yields training episodes."""
+    from dataclasses import fields
+
+    from pi0_lightning.data.demos import DemoDataConfig, open_source, select_episodes
+    from pi0_lightning.data.source import KeyMap
+
+    # jsonargparse stores a field named like a Namespace method ("keys") behind a zero-width space
+    raw = {k.lstrip("\u200b"): v for k, v in _plain(getattr(data, "dataset", None)).items()}
+    known = {f.name for f in fields(DemoDataConfig)} - {"keys", "augment"}
+    cfg = DemoDataConfig(**{k: v for k, v in raw.items() if k in known}, keys=KeyMap(**_plain(raw.get("keys"))))
+    source = open_source(cfg)
+    select_episodes(source, cfg.episodes_per_task, cfg.val_episodes_per_task, cfg.seed)
+
+
 def check_inputs(cfg, subcommand: str | None = None) -> None:
     """Fail fast, before loggers, output directories or env workers exist, so a bad input leaves nothing behind."""
     from pi0_lightning.checkpoint import CheckpointError, check_weights, read_config
+    from pi0_lightning.data.source import DatasetError
     from pi0_lightning.envs.libero import UnknownTaskError
     from pi0_lightning.envs.spec import EnvConfig, build_env_spec
 
     checkpoint = cfg.model.checkpoint
+    data = _data(cfg)
+    spec = None
     try:
         if checkpoint:
             check_checkpoint_assets(cfg.model, read_config(checkpoint))
             check_weights(checkpoint)
-        env = cfg.data.env
-        env_cfg = EnvConfig(**(vars(env) if hasattr(env, "__dict__") else dict(env or {})))
-        spec = build_env_spec(env_cfg)
-    except (CheckpointError, UnknownTaskError, ValueError, ImportError) as e:
+        if hasattr(data, "dataset"):
+            check_dataset(data)
+        if data.env is not None:
+            spec = build_env_spec(EnvConfig(**_plain(data.env)))
+    except (CheckpointError, DatasetError, UnknownTaskError, ValueError, ImportError) as e:
         raise InputError(str(e)) from None
-    replan = cfg.data.replan_steps
-    if replan < 1 or replan > spec.max_steps:
+    replan = data.replan_steps
+    if spec is not None and (replan < 1 or replan > spec.max_steps):
         raise InputError(f"data.replan_steps must be in 1..{spec.max_steps}, got {replan}")
     check_outputs(cfg, subcommand)
 

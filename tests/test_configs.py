@@ -1,5 +1,6 @@
 """Every YAML in configs/ parses against the current code (LightningCLI --print_config): the standalone configs
-alone, the experiment overrides on top of the shared base, the trainer fragments on top of the demo."""
+alone, the experiment overrides on top of the shared base, the SFT overrides on top of the PI0 SFT config, the
+trainer fragments on top of the demo."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from pi0_lightning.lit.module import PI0RLModule
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 BASE = CONFIGS / "experiments" / "base.yaml"
-STANDALONE = sorted([*CONFIGS.glob("*.yaml"), BASE])
+STANDALONE = sorted([*CONFIGS.glob("*.yaml"), BASE, CONFIGS / "sft" / "pi0_libero.yaml"])
 OVERRIDES = sorted(p for p in (CONFIGS / "experiments").glob("*.yaml") if p != BASE)
 FRAGMENTS = sorted((CONFIGS / "trainer").glob("*.yaml"))
+SFT = CONFIGS / "sft" / "pi0_libero.yaml"
+SFT_OVERRIDES = sorted(p for p in (CONFIGS / "sft").glob("*.yaml") if p != SFT)
 
 
 def print_config(args: list[str], capsys) -> dict:
@@ -29,7 +32,8 @@ def print_config(args: list[str], capsys) -> dict:
 @pytest.mark.parametrize("path", STANDALONE, ids=lambda p: p.name)
 def test_standalone_config_parses(path, capsys):
     cfg = print_config(["fit", "--config", str(path), "--print_config"], capsys)
-    assert cfg["data"]["replan_steps"] == 5 and cfg["model"]["algorithm"]["name"] in ("cfg", "loop")
+    data = cfg["data"]["init_args"]
+    assert data["replan_steps"] == 5 and cfg["model"]["algorithm"]["name"] in ("cfg", "loop", "sft")
 
 
 @pytest.mark.parametrize("path", OVERRIDES, ids=lambda p: p.name)
@@ -38,9 +42,18 @@ def test_experiment_override_composes_with_the_base(path, capsys):
     override = yaml.safe_load(path.read_text())
     assert cfg["trainer"]["default_root_dir"] == override["trainer"]["default_root_dir"] != "runs/pi0_libero_spatial"
     suite = override.get("data", {}).get("env", {}).get("suite", "libero_spatial")
-    assert cfg["data"]["env"]["suite"] == suite and cfg["data"]["sampling"]["group_size"] == 8
+    data = cfg["data"]["init_args"]
+    assert data["env"]["suite"] == suite and data["sampling"]["group_size"] == 8
     if "algorithm" in override.get("model", {}):  # PI0-FAST: the base's CFG settings are replaced, not merged
         assert cfg["model"]["algorithm"] == {"name": "loop", **override["model"]["algorithm"]["init_args"]}
+
+
+@pytest.mark.parametrize("path", SFT_OVERRIDES, ids=lambda p: p.name)
+def test_sft_override_composes_with_the_pi0_sft_config(path, capsys):
+    cfg = print_config(["fit", "--config", str(SFT), "--config", str(path), "--print_config"], capsys)
+    assert cfg["data"]["class_path"].endswith("DemoDataModule") and cfg["model"]["algorithm"]["name"] == "sft"
+    assert cfg["model"]["action_horizon"] == 10 and cfg["data"]["init_args"]["dataset"]["episodes_per_task"] == 10
+    assert cfg["trainer"]["default_root_dir"] == yaml.safe_load(path.read_text())["trainer"]["default_root_dir"]
 
 
 @pytest.mark.parametrize("path", FRAGMENTS, ids=lambda p: p.name)
@@ -50,4 +63,4 @@ def test_trainer_fragment_composes_with_the_demo(path, capsys):
 
 
 def test_all_configs_found():
-    assert len(STANDALONE) == 4 and len(OVERRIDES) == 4 and len(FRAGMENTS) >= 4
+    assert len(STANDALONE) == 5 and len(OVERRIDES) == 4 and len(FRAGMENTS) >= 4 and len(SFT_OVERRIDES) == 2

@@ -28,6 +28,7 @@ from pi0_lightning.policy.loading import PolicyAssets, resolve_assets
 from pi0_lightning.rl.algorithm import check_algorithm, default_algorithm
 from pi0_lightning.rl.cfg import CFG
 from pi0_lightning.rl.loop import LOOP
+from pi0_lightning.rl.sft import SFT
 from pi0_lightning.rollout.metrics import TaskSuccessRate, count_episodes
 
 
@@ -54,7 +55,7 @@ class PI0RLModule(L.LightningModule):
         action_horizon: int | None = None,
         tokenizer: str | None = None,
         fast_tokenizer: str | None = None,
-        algorithm: CFG | LOOP | None = None,
+        algorithm: CFG | LOOP | SFT | None = None,
         optim: OptimConfig | None = None,
         trainable: TrainableMode = "full",
         lora_rank: int = 16,
@@ -74,8 +75,9 @@ class PI0RLModule(L.LightningModule):
             action_horizon: override the model's action horizon H (must be >= the data's replan_steps).
             tokenizer: PaliGemma tokenizer file if the checkpoint bundles none; random models train a small one.
             fast_tokenizer: PI0-FAST processor directory if the checkpoint bundles none; random models fit one.
-            algorithm: `{name: cfg, ...}` (PI0 / PI0.5 default: `rl.cfg.CFG`) or `{name: loop, ...}` (PI0-FAST
-                default: `rl.loop.LOOP`): the loss, the rollout policy and the validation settings.
+            algorithm: `{name: cfg, ...}` (PI0 / PI0.5 default: `rl.cfg.CFG`), `{name: loop, ...}` (PI0-FAST
+                default: `rl.loop.LOOP`) or `{name: sft, ...}` (`rl.sft.SFT`, with `DemoDataModule`): the loss, the
+                rollout policy and the validation settings.
             optim: AdamW and the warmup + cosine schedule.
             trainable: full; action_expert (expert, projections, condition embedding); frozen_vision; lora.
             lora_rank: LoRA rank (trainable=lora).
@@ -143,16 +145,18 @@ class PI0RLModule(L.LightningModule):
         apply_speed_paths(self.model, self.speed)
         dm = trainer.datamodule if trainer is not None else None
         spec = getattr(dm, "spec", None)
+        demos = getattr(dm, "demos", None)  # a demonstration dataset (DemoDataModule)
         self.assets = resolve_assets(
             self.model,
             hp.checkpoint,
             hp.tokenizer,
             hp.fast_tokenizer,
             hp.delta_actions,
-            instructions=[t.language for t in spec.tasks] if spec else [],
+            instructions=(demos.instructions if demos else []) + ([t.language for t in spec.tasks] if spec else []),
             env_norm_stats=spec.default_norm_stats if spec else None,
             env_delta_actions=spec.delta_actions if spec else False,
             seed=hp.seed,
+            data_norm_stats=demos.norm_stats if demos else None,
         )
         if spec is not None:
             n = max(t.task_id for t in spec.tasks) + 1
@@ -173,7 +177,10 @@ class PI0RLModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self.iterations_trained = self.current_epoch
-        iteration = self.trainer.datamodule.iteration
+        self.log("iteration", float(self.current_epoch), batch_size=1)
+        iteration = getattr(self.trainer.datamodule, "iteration", None)  # None: training on demonstrations
+        if iteration is None:
+            return
         for key, value in iteration.metrics.items():
             self.log(key, value, on_step=False, on_epoch=True, sync_dist=True, batch_size=1)
         valid = [e for e in iteration.episodes if e.valid]
@@ -184,7 +191,6 @@ class PI0RLModule(L.LightningModule):
         per_task = self.train_success.compute()["per_task"].reshape(-1)  # collective: every rank calls it
         for t in self.trainer.datamodule.spec.tasks:
             self.log(f"rollout/success/task_{t.task_id}", per_task[t.task_id].nan_to_num(0.0), batch_size=1)
-        self.log("iteration", float(self.current_epoch), batch_size=1)
         self.train_success.reset()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -219,15 +225,25 @@ class PI0RLModule(L.LightningModule):
         if self.trainer.state.fn == "fit":  # validation runs after the epoch's training
             self.iterations_trained = self.current_epoch + 1
 
-    def validation_step(self, batch: list[list], batch_idx: int) -> None:
-        """`batch[i]`: the episodes of this batch's requests under evaluation setting i (`RolloutDataModule`)."""
+    def validation_step(self, batch: list[list] | dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """`batch[i]`: the episodes of this batch's requests under evaluation setting i (`RolloutDataModule`); or a
+        training batch of held-out demonstrations (`DemoDataModule`), whose loss is logged as val/loss."""
+        if isinstance(batch, dict):
+            generator = torch.Generator(self.device).manual_seed(batch_idx)  # the same noise and times every time
+            loss, _ = self.algorithm.loss(self.model, batch, generator)
+            bs = batch["actions"].shape[0]
+            self.log("val/loss", loss, batch_size=bs, sync_dist=True, add_dataloader_idx=False)
+            return
         for i, results in enumerate(batch):
             count_episodes(self.val_metrics[i], results)  # an episode that did not finish counts as a failure
             if i == 0:
                 self.val_episodes += [r for r in results if r.frames and not r.request.pad]
 
     def on_validation_epoch_end(self) -> None:
-        tasks = self.trainer.datamodule.spec.tasks
+        spec = getattr(self.trainer.datamodule, "spec", None)
+        if spec is None or self.val_metrics is None:  # held-out loss only
+            return
+        tasks = spec.tasks
         for i, (suffix, _) in enumerate(self.algorithm.eval_settings()):
             out = self.val_metrics[i].compute()  # collective
             self.log(f"val/success_rate{suffix}", out["overall"].reshape(-1)[0].float(), batch_size=1)
@@ -257,4 +273,4 @@ class PI0RLModule(L.LightningModule):
         hp = self.hparams
         lora = (hp.lora_rank, hp.lora_alpha) if hp.trainable == "lora" else None
         a = self.assets
-        return export_pretrained(self.model, path, a.norm_stats, a.tokenizer, a.fast_tokenizer, lora)
+        return export_pretrained(self.model, path, a.norm_stats, a.tokenizer, a.fast_tokenizer, lora, a.delta_actions)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from pi0_lightning.checkpoint import load_pretrained
+from pi0_lightning.checkpoint import load_pretrained, recorded_delta_actions
 from pi0_lightning.model.pi0 import PI0
 from pi0_lightning.model.pi0_fast import PI0FAST
 from pi0_lightning.model.speed import SpeedConfig
@@ -125,9 +125,12 @@ def resolve_assets(
     env_norm_stats: dict | None = None,
     env_delta_actions: bool = False,
     seed: int = 0,
+    data_norm_stats: dict | None = None,
 ) -> PolicyAssets:
     """Each asset explicit if given, else the checkpoint's, else (random models) built for the environment: a small
-    tokenizer trained on its `instructions`, a FAST processor fitted on synthetic chunks, its norm stats."""
+    tokenizer trained on its `instructions`, a FAST processor fitted on synthetic chunks, its norm stats.
+    `data_norm_stats` (a demonstration dataset's, for supervised fine-tuning) come before the checkpoint's, as openpi
+    normalises with the stats of the data it trains on."""
     fast = isinstance(model, PI0FAST)
     bundled = None
     if checkpoint is not None:
@@ -144,12 +147,16 @@ def resolve_assets(
             fast_tok = FASTActionTokenizer.from_pretrained(fast_dir)
         else:
             fast_tok = synthetic_fast_tokenizer(model.config.action_horizon, model.config.action_dim, seed=seed)
-    if bundled is not None and bundled.norm_stats is not None:
+    if data_norm_stats is not None:
+        norm_stats = data_norm_stats
+    elif bundled is not None and bundled.norm_stats is not None:
         norm_stats = json.loads(bundled.norm_stats.read_text())
     elif env_norm_stats is not None:
         norm_stats = env_norm_stats
     else:
         raise FileNotFoundError("no norm stats: the checkpoint has no norm_stats.json and no environment gives any")
+    if delta_actions is None and checkpoint is not None:
+        delta_actions = recorded_delta_actions(checkpoint)
     if delta_actions is None:
         # converted LIBERO checkpoints follow openpi (pi0 and PI0-FAST delta, pi05 absolute); random ones the env's
         delta_actions = (fast or not model.config.pi05) if checkpoint is not None else env_delta_actions
@@ -173,6 +180,8 @@ def load_policy(
     (openpi: greedy, 256); `speed` installs speed paths on the model (e.g. CUDA graphs on a GPU)."""
     model = load_pretrained(path, dtype=dtype, device=device)
     assets = checkpoint_assets(path, isinstance(model, PI0FAST), tokenizer, fast_tokenizer)
+    if delta_actions is None:
+        delta_actions = recorded_delta_actions(path)  # None: openpi's default for the model type
     if isinstance(model, PI0FAST):
         return LiberoFASTPolicy.build(
             model,

@@ -110,6 +110,9 @@ class LiberoFASTPolicy(LiberoInputs):
     def extra_fields(self, tokens: torch.Tensor) -> dict:
         return {"token_ar_mask": torch.zeros_like(tokens)}  # the prefix attends bidirectionally
 
+    def supervised_observation(self, inputs: list[PolicyInput], chunks: np.ndarray) -> Observation:
+        return self.training_observation(inputs, chunks, device="cpu")
+
     def training_observation(
         self, inputs: list[PolicyInput], chunks: np.ndarray, device: str | torch.device | None = None
     ) -> Observation:

@@ -9,6 +9,7 @@ both the normalised model-space actions (the RL targets) and the env actions (un
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -69,6 +70,20 @@ class LiberoInputs:
             PolicyInput(agent, wrist, state, *self.prompt_tokens(prompt, state))
             for (agent, wrist, state), prompt in zip(inputs, prompts, strict=True)
         ]
+
+    def inputs_only(self) -> LiberoInputs:
+        """A copy without the model: what a DataLoader worker needs to turn demonstrations into model inputs."""
+        twin = copy.copy(self)
+        for name in ("model", "graphs", "decoder"):
+            if hasattr(twin, name):
+                setattr(twin, name, None)
+        twin.device = torch.device("cpu")
+        return twin
+
+    def supervised_observation(self, inputs: list[PolicyInput], chunks: np.ndarray) -> Observation:
+        """The model's training inputs for demonstrated normalised `chunks` (B, H, D), on the CPU. PI0 reads the
+        actions separately; PI0-FAST (`LiberoFASTPolicy`) encodes them into the token sequence."""
+        return self.to_observation(inputs, device="cpu")
 
     def to_observation(self, inputs: list[PolicyInput], device: str | torch.device | None = None) -> Observation:
         raw = np.stack([x.raw_state for x in inputs])

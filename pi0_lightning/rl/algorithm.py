@@ -7,8 +7,8 @@ An algorithm is one dataclass (its fields are the YAML schema under `model.algor
   decoding temperatures), applied with `configure_policy`,
 - and computes the loss of a batch of training samples (`loss`).
 
-Implementations: `rl.cfg.CFG` (PI0 / PI0.5, advantage-conditioned flow matching) and `rl.loop.LOOP` (PI0-FAST,
-RLOO + per-token PPO clipping).
+Implementations: `rl.cfg.CFG` (PI0 / PI0.5, advantage-conditioned flow matching), `rl.loop.LOOP` (PI0-FAST,
+RLOO + per-token PPO clipping) and `rl.sft.SFT` (supervised fine-tuning on demonstrations, either model).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from pi0_lightning.rollout.types import ChunkPolicy
 
 class Algorithm(Protocol):
     name: str
-    fast: ClassVar[bool]
-    """Trains PI0-FAST (token policy) rather than PI0 / PI0.5 (flow policy)."""
+    fast: ClassVar[bool | None]
+    """Trains PI0-FAST (token policy) rather than PI0 / PI0.5 (flow policy); None: either."""
     setting_name: ClassVar[str]
     """What `rollout_setting` / `eval_settings` values are, for progress labels ("w", "T")."""
 
@@ -57,8 +57,8 @@ def default_algorithm(fast: bool) -> Algorithm:
 
 def check_algorithm(algorithm: Algorithm, fast: bool) -> None:
     """One line when the algorithm does not train this kind of model."""
-    if algorithm.fast != fast:
+    if algorithm.fast is not None and algorithm.fast != fast:
         raise ValueError(
-            "PI0-FAST trains with algorithm {name: loop}; PI0 / PI0.5 with algorithm {name: cfg}"
+            "PI0-FAST trains with algorithm {name: loop} (or sft); PI0 / PI0.5 with algorithm {name: cfg} (or sft)"
             f" (got {algorithm.name} for a {'PI0-FAST' if fast else 'PI0'} model)"
         )

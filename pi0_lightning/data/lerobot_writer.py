@@ -1,0 +1,473 @@
+"""Write small LeRobot-format datasets (v2.1 or v3.0) from in-memory episodes: test fixtures and the output of our
+own demonstration generators. `data/lerobot.py` reads them back, and the layout follows LeRobot's own writer
+(see that module's docstring for the format facts).
+
+What is written:
+
+- `meta/info.json` with the five LeRobot bookkeeping features (timestamp, frame_index, episode_index, index,
+  task_index) beside ours; video features carry LeRobot's `info` block (codec, pixel format, size, fps).
+- v2.1: `meta/episodes.jsonl`, `meta/tasks.jsonl`, `meta/episodes_stats.jsonl` (LeRobot 2.1 will not load a
+  dataset without it), one parquet per episode, one MP4 per camera and episode.
+- v3.0: `meta/episodes/chunk-000/file-000.parquet`, `meta/tasks.parquet` (written through pandas when it is
+  installed, so that LeRobot's `load_tasks` finds the task strings as the frame's index), `meta/stats.json`, data
+  and videos grouped `episodes_per_file` episodes per file (all in one by default), one parquet row group per
+  episode, each video file one continuous stream whose episodes start at `from_timestamp`.
+- Images as PNG in the parquet's Hugging Face `Image` struct {bytes, path} (`image_storage="image"`) or as yuv420p
+  video encoded by PyAV (`"video"`); the parquet schema carries the Hugging Face `datasets` feature metadata.
+
+Deliberate simplifications: one task per episode; statistics are plain min/max/mean/std/count over all frames
+(LeRobot subsamples images and adds quantiles); v3.0 episode metadata goes in one file without per-episode `stats/`
+columns; files are never split by size. The whole dataset is built in a temporary sibling directory and renamed into
+place, so a reader never sees half of one, and an existing root is never overwritten.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Literal
+
+import av
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from pi0_lightning.data.lerobot import (
+    DEFAULT_CHUNKS_SIZE,
+    INFO_PATH,
+    STATS_PATH,
+    V2_DATA_PATH,
+    V2_EPISODES_PATH,
+    V2_EPISODES_STATS_PATH,
+    V2_TASKS_PATH,
+    V2_VIDEO_PATH,
+    V3_DATA_PATH,
+    V3_EPISODES_PATH,
+    V3_TASKS_PATH,
+    V3_VIDEO_PATH,
+)
+from pi0_lightning.data.source import DatasetError, KeyMap
+
+VIDEO_GOP = 2
+"""Keyframe interval, LeRobot's default: random access decodes at most one extra frame."""
+IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+"""The Hugging Face `datasets` Image feature's storage type."""
+_HF_DTYPES = {pa.float32(): "float32", pa.int64(): "int64"}
+
+
+@dataclass
+class DemoEpisode:
+    """One demonstration: per step two camera frames (upright), a state and an action; the task is the prompt."""
+
+    images: np.ndarray
+    """(T, H, W, 3) uint8, the third-person camera."""
+    wrist_images: np.ndarray
+    """(T, H', W', 3) uint8, the wrist camera."""
+    state: np.ndarray
+    """(T, S) float32."""
+    actions: np.ndarray
+    """(T, A) float32."""
+    task: str
+
+
+def write_lerobot_dataset(
+    root: str | Path,
+    episodes: list[DemoEpisode] | list[dict[str, Any]],
+    fps: int = 10,
+    version: Literal["v3.0", "v2.1"] = "v3.0",
+    image_storage: Literal["video", "image"] = "video",
+    video_codec: str = "libsvtav1",
+    robot_type: str = "panda",
+    keys: KeyMap | None = None,
+    *,
+    video_crf: int = 20,
+    video_gop: int = VIDEO_GOP,
+    chunks_size: int = DEFAULT_CHUNKS_SIZE,
+    episodes_per_file: int | None = None,
+) -> Path:
+    """Write `episodes` as a LeRobot dataset at `root` (which must not exist) and return `root`.
+
+    `episodes`: `DemoEpisode`s or dicts of its fields. `video_codec`: any PyAV encoder name ("libsvtav1" is AV1,
+    LeRobot's default; "libx264"/"h264", "hevc", ...). `video_crf`: the encoder's constant-rate factor (LeRobot uses
+    30; lower keeps frames closer to the originals). `video_gop`: frames between keyframes (random access decodes up to
+    this many frames). `keys`: the dataset keys of our fields. `chunks_size`: files per
+    chunk directory (v2.1: episodes per chunk). `episodes_per_file`: v3.0 episodes per data/video file.
+    """
+    root = Path(root)
+    keys = keys if keys is not None else KeyMap()
+    if version not in ("v2.1", "v3.0"):
+        raise DatasetError(f"{root}: cannot write codebase_version {version!r} (v2.1 or v3.0)")
+    if image_storage not in ("video", "image"):
+        raise DatasetError(f"{root}: image_storage must be 'video' or 'image', not {image_storage!r}")
+    if root.exists():
+        raise DatasetError(f"{root}: already exists; refusing to overwrite a dataset")
+    names = [keys.image, keys.wrist_image, keys.state, keys.actions]
+    if len(set(names)) < 4 or set(names) & {"timestamp", "frame_index", "episode_index", "index", "task_index"}:
+        raise DatasetError(f"{root}: KeyMap keys {names} must be distinct and not LeRobot's bookkeeping columns")
+    demos = [_as_demo(episode) for episode in episodes]
+    shapes = _check_episodes(root, demos)
+    if image_storage == "video":
+        _check_video(root, video_codec, shapes)
+    writer = _Writer(
+        demos,
+        keys,
+        shapes,
+        fps=fps,
+        version=version,
+        video=image_storage == "video",
+        codec=video_codec,
+        crf=video_crf,
+        gop=video_gop,
+        chunks_size=chunks_size,
+        episodes_per_file=max(1, episodes_per_file or len(demos)),
+    )
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        writer.write(tmp, robot_type)
+        if root.exists():  # another writer finished first: keep theirs
+            raise DatasetError(f"{root}: appeared while writing; refusing to overwrite a dataset")
+        os.rename(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+def _as_demo(episode: DemoEpisode | dict[str, Any]) -> DemoEpisode:
+    """A copy with array fields as numpy arrays (the caller's objects stay as they are)."""
+    fields = vars(episode) if isinstance(episode, DemoEpisode) else episode
+    arrays = {name: np.asarray(fields[name]) for name in ("images", "wrist_images", "state", "actions")}
+    return DemoEpisode(**arrays, task=fields["task"])
+
+
+def _check_episodes(root: Path, demos: list[DemoEpisode]) -> dict[str, tuple[int, ...]]:
+    """Shapes shared by all episodes (image and wrist_image (H, W, 3), state (S,), actions (A,))."""
+    if not demos:
+        raise DatasetError(f"{root}: no episodes to write")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for number, demo in enumerate(demos):
+        length = len(demo.state)
+        fields = {"image": demo.images, "wrist_image": demo.wrist_images, "state": demo.state, "actions": demo.actions}
+        for name, array in fields.items():
+            is_image = name in ("image", "wrist_image")
+            if is_image and (array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3):
+                raise DatasetError(f"{root}: episode {number} {name} must be (T, H, W, 3) uint8, is {array.shape}")
+            if not is_image and array.ndim != 2:
+                raise DatasetError(f"{root}: episode {number} {name} must be (T, D), is {array.shape}")
+            if len(array) != length or length == 0:
+                raise DatasetError(f"{root}: episode {number} has {len(array)} steps of {name}, {length} of state")
+            if shapes.setdefault(name, array.shape[1:]) != array.shape[1:]:
+                raise DatasetError(f"{root}: episode {number} {name} shape {array.shape[1:]} != {shapes[name]}")
+        if not isinstance(demo.task, str) or not demo.task:
+            raise DatasetError(f"{root}: episode {number} has no task string")
+    return shapes
+
+
+def _check_video(root: Path, codec: str, shapes: dict[str, tuple[int, ...]]) -> None:
+    try:
+        av.codec.Codec(codec, "w")
+    except av.codec.codec.UnknownCodecError as e:
+        raise DatasetError(f"{root}: video encoder {codec!r} is not available in this PyAV build") from e
+    for name in ("image", "wrist_image"):
+        height, width, _ = shapes[name]
+        if height % 2 or width % 2:
+            raise DatasetError(f"{root}: {name} size {height}x{width} must be even for yuv420p video")
+
+
+class _Writer:
+    def __init__(
+        self,
+        demos: list[DemoEpisode],
+        keys: KeyMap,
+        shapes: dict[str, tuple[int, ...]],
+        *,
+        fps: int,
+        version: str,
+        video: bool,
+        codec: str,
+        crf: int,
+        gop: int,
+        chunks_size: int,
+        episodes_per_file: int,
+    ):
+        self.demos, self.keys, self.shapes = demos, keys, shapes
+        self.fps, self.version, self.video = fps, version, video
+        self.codec, self.crf, self.gop = codec, crf, gop
+        self.chunks_size, self.episodes_per_file = chunks_size, episodes_per_file
+        self.tasks = list(dict.fromkeys(demo.task for demo in demos))
+        self.cameras = {keys.image: "images", keys.wrist_image: "wrist_images"}
+
+    # -- layout ----------------------------------------------------------------------------------------------------
+
+    def write(self, out: Path, robot_type: str) -> None:
+        (out / "meta").mkdir()
+        if self.version == "v2.1":
+            self._write_v21(out)
+        else:
+            self._write_v30(out)
+        (out / INFO_PATH).write_text(json.dumps(self._info(robot_type), indent=4) + "\n")
+
+    def _write_v21(self, out: Path) -> None:
+        starts = np.cumsum([0] + [len(demo.state) for demo in self.demos])
+        episodes, stats = [], []
+        for index, demo in enumerate(self.demos):
+            chunk = index // self.chunks_size
+            path = out / V2_DATA_PATH.format(episode_chunk=chunk, episode_index=index)
+            self._write_parquet(path, [index], int(starts[index]))
+            if self.video:
+                for key, field in self.cameras.items():
+                    video = out / V2_VIDEO_PATH.format(episode_chunk=chunk, video_key=key, episode_index=index)
+                    self._encode(video, [getattr(demo, field)])
+            episodes.append({"episode_index": index, "tasks": [demo.task], "length": len(demo.state)})
+            stats.append({"episode_index": index, "stats": self._stats([index], int(starts[index]))})
+        _write_jsonl(out / V2_EPISODES_PATH, episodes)
+        _write_jsonl(out / V2_TASKS_PATH, [{"task_index": i, "task": task} for i, task in enumerate(self.tasks)])
+        _write_jsonl(out / V2_EPISODES_STATS_PATH, stats)
+
+    def _write_v30(self, out: Path) -> None:
+        groups = [
+            list(range(start, min(start + self.episodes_per_file, len(self.demos))))
+            for start in range(0, len(self.demos), self.episodes_per_file)
+        ]
+        rows: list[dict[str, Any]] = []
+        chunk, file, first_row = 0, 0, 0
+        for group in groups:
+            path = out / V3_DATA_PATH.format(chunk_index=chunk, file_index=file)
+            self._write_parquet(path, group, first_row)
+            if self.video:
+                for key, field in self.cameras.items():
+                    video = out / V3_VIDEO_PATH.format(video_key=key, chunk_index=chunk, file_index=file)
+                    self._encode(video, [getattr(self.demos[index], field) for index in group])
+            seconds = 0.0
+            for index in group:
+                length = len(self.demos[index].state)
+                row: dict[str, Any] = {
+                    "episode_index": index,
+                    "tasks": [self.demos[index].task],
+                    "length": length,
+                    "data/chunk_index": chunk,
+                    "data/file_index": file,
+                    "dataset_from_index": first_row,
+                    "dataset_to_index": first_row + length,
+                }
+                for key in self.cameras if self.video else ():
+                    row[f"videos/{key}/chunk_index"] = chunk
+                    row[f"videos/{key}/file_index"] = file
+                    row[f"videos/{key}/from_timestamp"] = seconds
+                    row[f"videos/{key}/to_timestamp"] = seconds + length / self.fps
+                row["meta/episodes/chunk_index"] = 0
+                row["meta/episodes/file_index"] = 0
+                rows.append(row)
+                first_row += length
+                seconds += length / self.fps
+            # the same rule as LeRobot's update_chunk_file_indices: chunks_size files per chunk directory
+            chunk, file = (chunk + 1, 0) if file == self.chunks_size - 1 else (chunk, file + 1)
+        episodes_path = out / V3_EPISODES_PATH.format(chunk_index=0, file_index=0)
+        episodes_path.parent.mkdir(parents=True)
+        pq.write_table(pa.Table.from_pylist(rows), episodes_path)
+        _write_tasks_parquet(out / V3_TASKS_PATH, self.tasks)
+        stats = self._stats(list(range(len(self.demos))), 0)
+        (out / STATS_PATH).write_text(json.dumps(stats, indent=4) + "\n")
+
+    def _info(self, robot_type: str) -> dict[str, Any]:
+        total_frames = sum(len(demo.state) for demo in self.demos)
+        n = len(self.demos)
+        info: dict[str, Any] = {"codebase_version": self.version, "robot_type": robot_type}
+        info.update(total_episodes=n, total_frames=total_frames, total_tasks=len(self.tasks))
+        if self.version == "v2.1":
+            chunks = (n + self.chunks_size - 1) // self.chunks_size
+            info.update(total_videos=2 * n if self.video else 0, total_chunks=chunks, chunks_size=self.chunks_size)
+            info.update(fps=self.fps, splits={"train": f"0:{n}"}, data_path=V2_DATA_PATH)
+            info["video_path"] = V2_VIDEO_PATH if self.video else None
+        else:
+            info.update(chunks_size=self.chunks_size, data_files_size_in_mb=100, video_files_size_in_mb=200)
+            info.update(fps=self.fps, splits={"train": f"0:{n}"}, data_path=V3_DATA_PATH)
+            info["video_path"] = V3_VIDEO_PATH if self.video else None
+        info["features"] = self._features()
+        return info
+
+    def _features(self) -> dict[str, dict[str, Any]]:
+        features: dict[str, dict[str, Any]] = {}
+        for key, shape_name in ((self.keys.image, "image"), (self.keys.wrist_image, "wrist_image")):
+            height, width, channels = self.shapes[shape_name]
+            feature: dict[str, Any] = {
+                "dtype": "video" if self.video else "image",
+                "shape": [height, width, channels],
+                "names": ["height", "width", "channels"],
+            }
+            if self.video:
+                feature["info"] = {
+                    "video.height": height,
+                    "video.width": width,
+                    "video.codec": av.codec.Codec(self.codec, "w").canonical_name,
+                    "video.pix_fmt": "yuv420p",
+                    "video.is_depth_map": False,
+                    "video.fps": self.fps,
+                    "video.channels": channels,
+                    "video.g": self.gop,
+                    "video.crf": self.crf,
+                    "has_audio": False,
+                }
+            features[key] = feature
+        # openpi's LIBERO conversion names a whole vector by its key
+        features[self.keys.state] = {"dtype": "float32", "shape": list(self.shapes["state"]), "names": ["state"]}
+        features[self.keys.actions] = {
+            "dtype": "float32",
+            "shape": list(self.shapes["actions"]),
+            "names": ["actions"],
+        }
+        features["timestamp"] = {"dtype": "float32", "shape": [1], "names": None}
+        for key in ("frame_index", "episode_index", "index", "task_index"):
+            features[key] = {"dtype": "int64", "shape": [1], "names": None}
+        if self.version == "v3.0":  # the v2.1 -> v3.0 converter gives every non-video feature the dataset fps
+            for feature in features.values():
+                if feature["dtype"] != "video":
+                    feature["fps"] = self.fps
+        return features
+
+    # -- parquet ---------------------------------------------------------------------------------------------------
+
+    def _write_parquet(self, path: Path, group: list[int], first_row: int) -> None:
+        """The data rows of the episodes in `group`, one row group per episode (as LeRobot >= 0.6 writes them)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state_dim, action_dim = self.shapes["state"][0], self.shapes["actions"][0]
+        fields = []
+        if not self.video:
+            fields += [(key, IMAGE_STRUCT) for key in self.cameras]
+        fields += [
+            (self.keys.state, pa.list_(pa.float32(), state_dim)),
+            (self.keys.actions, pa.list_(pa.float32(), action_dim)),
+            ("timestamp", pa.float32()),
+            ("frame_index", pa.int64()),
+            ("episode_index", pa.int64()),
+            ("index", pa.int64()),
+            ("task_index", pa.int64()),
+        ]
+        hf_features = {name: _hf_feature(kind) for name, kind in fields}
+        schema = pa.schema(fields, metadata={"huggingface": json.dumps({"info": {"features": hf_features}})})
+        with pq.ParquetWriter(path, schema) as writer:
+            for index in group:
+                demo = self.demos[index]
+                length = len(demo.state)
+                columns: list[pa.Array] = []
+                if not self.video:
+                    for field in self.cameras.values():
+                        cells = [{"bytes": _png(image), "path": None} for image in getattr(demo, field)]
+                        columns.append(pa.array(cells, IMAGE_STRUCT))
+                columns += [
+                    _fixed_lists(demo.state, state_dim),
+                    _fixed_lists(demo.actions, action_dim),
+                    pa.array(np.arange(length, dtype=np.float32) / np.float32(self.fps), pa.float32()),
+                    pa.array(np.arange(length), pa.int64()),
+                    pa.array(np.full(length, index), pa.int64()),
+                    pa.array(np.arange(first_row, first_row + length), pa.int64()),
+                    pa.array(np.full(length, self.tasks.index(demo.task)), pa.int64()),
+                ]
+                writer.write_table(pa.Table.from_arrays(columns, schema=schema))
+                first_row += length
+
+    # -- video -----------------------------------------------------------------------------------------------------
+
+    def _encode(self, path: Path, clips: list[np.ndarray]) -> None:
+        """One video stream of the clips back to back, frame i of the stream at i / fps."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        height, width = clips[0].shape[1:3]
+        options = {"g": str(self.gop), "crf": str(self.crf)}
+        if self.codec == "libsvtav1":
+            options["preset"] = "12"  # LeRobot's default: the fastest preset
+        with av.open(str(path), "w") as container:
+            stream = container.add_stream(self.codec, rate=self.fps, options=options)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            pts = 0
+            for clip in clips:
+                for image in clip:
+                    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+                    frame.pts, frame.time_base = pts, Fraction(1, self.fps)
+                    container.mux(stream.encode(frame))
+                    pts += 1
+            container.mux(stream.encode(None))
+
+    # -- statistics ------------------------------------------------------------------------------------------------
+
+    def _stats(self, group: list[int], first_row: int) -> dict[str, dict[str, list]]:
+        """Per-feature min/max/mean/std/count over the frames of `group` (images per channel in [0, 1])."""
+        demos = [self.demos[index] for index in group]
+        lengths = [len(demo.state) for demo in demos]
+        stats = {
+            self.keys.state: _vector_stats(np.concatenate([demo.state for demo in demos])),
+            self.keys.actions: _vector_stats(np.concatenate([demo.actions for demo in demos])),
+            "timestamp": _vector_stats(np.concatenate([np.arange(n) / self.fps for n in lengths])[:, None]),
+            "frame_index": _vector_stats(np.concatenate([np.arange(n) for n in lengths])[:, None]),
+            "episode_index": _vector_stats(np.repeat(group, lengths)[:, None]),
+            "index": _vector_stats(np.arange(first_row, first_row + sum(lengths))[:, None]),
+            "task_index": _vector_stats(np.repeat([self.tasks.index(demo.task) for demo in demos], lengths)[:, None]),
+        }
+        for key, field in self.cameras.items():
+            stats[key] = _image_stats(np.concatenate([getattr(demo, field) for demo in demos]))
+        return stats
+
+
+def _hf_feature(kind: pa.DataType) -> dict[str, Any]:
+    """The Hugging Face `datasets` feature of one of our column types, as its schema metadata spells it."""
+    if kind == IMAGE_STRUCT:
+        return {"_type": "Image"}
+    if pa.types.is_fixed_size_list(kind):
+        return {"feature": _hf_feature(kind.value_type), "length": kind.list_size, "_type": "Sequence"}
+    return {"dtype": _HF_DTYPES[kind], "_type": "Value"}
+
+
+def _fixed_lists(values: np.ndarray, dim: int) -> pa.Array:
+    flat = pa.array(np.ascontiguousarray(values, dtype=np.float32).reshape(-1), pa.float32())
+    return pa.FixedSizeListArray.from_arrays(flat, dim)
+
+
+def _png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def _vector_stats(values: np.ndarray) -> dict[str, list]:
+    values = values.astype(np.float64)
+    return {
+        "min": values.min(0).tolist(),
+        "max": values.max(0).tolist(),
+        "mean": values.mean(0).tolist(),
+        "std": values.std(0).tolist(),
+        "count": [len(values)],
+    }
+
+
+def _image_stats(images: np.ndarray) -> dict[str, list]:
+    """Per-channel statistics shaped (3, 1, 1), values in [0, 1], as LeRobot keeps them for cameras."""
+    pixels = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+    stats = _vector_stats(pixels)
+    for name in ("min", "max", "mean", "std"):
+        stats[name] = [[[value]] for value in stats[name]]
+    stats["count"] = [len(images)]
+    return stats
+
+
+def _write_jsonl(path: Path, items: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(item) + "\n" for item in items))
+
+
+def _write_tasks_parquet(path: Path, tasks: list[str]) -> None:
+    try:
+        import pandas as pd
+    except ImportError:  # same columns without the pandas index marker; our reader and pyarrow read either
+        table = pa.table({"task_index": pa.array(range(len(tasks)), pa.int64()), "task": pa.array(tasks, pa.string())})
+    else:
+        frame = pd.DataFrame({"task_index": np.arange(len(tasks), dtype=np.int64)}, index=pd.Index(tasks, name="task"))
+        table = pa.Table.from_pandas(frame)
+    pq.write_table(table, path)

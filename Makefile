@@ -70,11 +70,12 @@ demo-learn: $(STAMP)
 	$(PY) -m pi0_lightning.cli fit --config configs/reach_learn.yaml
 	$(PY) -m pi0_lightning.learning_curve runs/reach
 
-# The same proof for PI0-FAST with LOOP: a supervised warm start (a random PI0-FAST never writes a decodable action),
-# then RL (~2.5 min on 2 CPU cores in all)
+# The same proof for PI0-FAST with LOOP: demonstrations, supervised fine-tuning (a random PI0-FAST never writes a
+# decodable action), then RL
 demo-learn-fast: $(STAMP)
-	rm -rf runs/reach_fast runs/reach_fast_sft
-	$(PY) -m pi0_lightning.warmstart --out runs/reach_fast_sft
+	rm -rf runs/reach_demos runs/reach_fast_sft runs/reach_fast
+	$(PY) -m pi0_lightning.envs.reach_demos --out runs/reach_demos
+	$(PY) -m pi0_lightning.cli fit --config configs/reach_sft_fast.yaml
 	$(PY) -m pi0_lightning.cli fit --config configs/reach_learn_fast.yaml
 	$(PY) -m pi0_lightning.learning_curve runs/reach_fast
 

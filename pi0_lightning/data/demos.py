@@ -31,6 +31,10 @@ from pi0_lightning.data.source import DatasetError, DemoSource, KeyMap
 from pi0_lightning.policy.pi0_libero import LiberoInputs, PolicyInput
 from pi0_lightning.policy.transforms import resize_with_pad
 
+LOADER_CONTEXT = "forkserver"
+"""How DataLoader workers start. Not by forking the training process: a video decoder that ran there (validation
+without workers, a benchmark) leaves thread pools behind that a forked child deadlocks on (measured: PyAV / dav1d)."""
+
 
 @dataclass
 class DemoDataConfig:

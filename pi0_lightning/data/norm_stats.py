@@ -52,6 +52,17 @@ def model_space_chunks(state: np.ndarray, actions: np.ndarray, horizon: int, del
     return chunks
 
 
+def demo_chunks(
+    source: DemoSource, episodes: list[int], horizon: int, delta_actions: bool, limit: int = 4000, seed: int = 0
+) -> np.ndarray:
+    """Up to `limit` model-space chunks (N, H, A) of `episodes`, unnormalised (a random PI0-FAST's FAST processor is
+    fitted on them)."""
+    chunks = np.concatenate([model_space_chunks(*source.columns(e), horizon, delta_actions) for e in episodes])
+    if len(chunks) > limit:
+        chunks = chunks[np.random.default_rng(seed).choice(len(chunks), limit, replace=False)]
+    return chunks
+
+
 def compute_norm_stats(
     source: DemoSource, horizon: int, delta_actions: bool, episodes: list[int] | None = None, progress: bool = False
 ) -> dict:

@@ -14,15 +14,24 @@ machinery), and/or the loss on held-out episodes (`dataset.val_episodes_per_task
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from pi0_lightning.data.demos import DemoDataConfig, DemoDataset, open_source, select_episodes, supervised_collate
-from pi0_lightning.data.norm_stats import default_path
+from pi0_lightning.data.demos import (
+    LOADER_CONTEXT,
+    DemoDataConfig,
+    DemoDataset,
+    open_source,
+    select_episodes,
+    supervised_collate,
+)
+from pi0_lightning.data.norm_stats import default_path, demo_chunks
 from pi0_lightning.envs.spec import EnvConfig
 from pi0_lightning.lit.datamodule import RolloutDataModule
 
@@ -35,6 +44,9 @@ class DemoInfo:
     """Every task string (a random model's small tokenizer is trained on them)."""
     norm_stats: dict | None
     """The dataset's norm_stats.json (None: use the checkpoint's)."""
+    chunks: Callable[[int, bool], np.ndarray]
+    """(horizon, delta actions) -> unnormalised model-space chunks of the training episodes (a random PI0-FAST's
+    FAST processor is fitted on them)."""
 
 
 class DemoDataModule(RolloutDataModule):
@@ -92,7 +104,8 @@ class DemoDataModule(RolloutDataModule):
             stats_file = Path(cfg.norm_stats) if cfg.norm_stats else default_path(cfg.path)
             stats = json.loads(stats_file.read_text()) if stats_file.is_file() else None
             tasks = sorted({ep.task for ep in self.source.episodes})
-            self.demos = DemoInfo(instructions=tasks, norm_stats=stats)
+            chunks = partial(demo_chunks, self.source, self.train_episodes)
+            self.demos = DemoInfo(instructions=tasks, norm_stats=stats, chunks=chunks)
         if self.rollouts:
             super().setup(stage)
 
@@ -127,7 +140,7 @@ class DemoDataModule(RolloutDataModule):
             num_workers=self.num_workers,
             collate_fn=collate,
             generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch),
-            persistent_workers=False,
+            multiprocessing_context=LOADER_CONTEXT if self.num_workers else None,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -157,6 +157,7 @@ class PI0RLModule(L.LightningModule):
             env_delta_actions=spec.delta_actions if spec else False,
             seed=hp.seed,
             data_norm_stats=demos.norm_stats if demos else None,
+            data_chunks=demos.chunks if demos else None,
         )
         if spec is not None:
             n = max(t.task_id for t in spec.tasks) + 1

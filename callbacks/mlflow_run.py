@@ -67,14 +67,14 @@ class MLflowRun(L.Callback):
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         if trainer.state.fn != "validate":
             return
-        from pi0_lightning.lit.checkpoints import RESUME_KEY
+        from pi0_lightning.lit.checkpoints import is_iteration_end
 
         fit = checkpoint.get("loops", {}).get("fit_loop", {})
         stepped = fit.get("epoch_loop.state_dict", {}).get("_batches_that_stepped")
         if stepped is not None:
             # fit logs validation before it counts the epoch's last batch; a checkpoint written at the iteration's
             # end has counted it, so step back one to land on the step fit's own validation used
-            end = (checkpoint.get(RESUME_KEY) or {}).get("iteration_end", True)
+            end = is_iteration_end(checkpoint)
             trainer.fit_loop.epoch_loop._batches_that_stepped = max(0, stepped - 1) if end else stepped
         trainer.fit_loop.epoch_progress.current.completed = checkpoint.get("epoch", 0)
 

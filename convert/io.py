@@ -1,8 +1,10 @@
-"""Output helpers for conversion: write a directory completely or not at all.
+"""Output helpers: write a directory or a file completely or not at all.
 
 A conversion writes several files (weights, config, norm stats). If it fails half way, a directory holding some of
 them would look like a finished checkpoint. So the files go into a temporary sibling directory first, and it is
 renamed into place only after everything is written. A rename within one parent directory is atomic on POSIX.
+Single files (Lightning checkpoints, norm stats, bundles) go the same way through a temporary sibling file, fsynced
+before the rename so that a crash or a full disk never leaves a truncated file under the final name.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from .errors import ConversionError
 
-__all__ = ["atomic_output_dir"]
+__all__ = ["atomic_output_dir", "atomic_output_file"]
 
 
 @contextmanager
@@ -47,6 +49,32 @@ def atomic_output_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterat
         shutil.rmtree(tmp_dir, ignore_errors=True)
         _remove_empty_dirs(created_parents)
         raise
+
+
+@contextmanager
+def atomic_output_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path to write; when the ``with`` block succeeds it is fsynced and renamed to
+    ``path`` (an existing file stays whole until then), and the directory entry is fsynced too. If the block raises,
+    the temporary file is removed and the exception propagates. Missing parent directories are created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _check_target(out_dir: Path, *, overwrite: bool) -> None:

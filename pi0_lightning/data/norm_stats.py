@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from pi0_lightning.convert.io import atomic_output_file
 from pi0_lightning.data.source import DatasetError, DemoSource
 
 MODEL_DEFAULTS = {"pi0": (50, True), "pi05": (10, False), "pi0_fast": (10, True)}
@@ -78,13 +77,8 @@ def compute_norm_stats(
 
 
 def write_json_atomic(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    with atomic_output_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def default_path(dataset: str | Path) -> Path:

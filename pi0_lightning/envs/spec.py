@@ -42,6 +42,9 @@ class EnvConfig:
     """LIBERO: the Panda with robosuite 1.4.1's wrist collision geom (openpi's stack); False = robosuite 1.4.0's."""
     hard_reset: bool = True
     """LIBERO: rebuild the MuJoCo model at each reset (LIBERO's default)."""
+    resolution: int = 256
+    """LIBERO: camera render size (openpi: 256, resized to the model's input size by the policy). Smaller renders
+    are faster on CPU, but their pixels are not openpi's."""
     worker_timeout: float = 300.0
     """Seconds before a hung env worker is replaced."""
     start_method: str = "forkserver"
@@ -78,6 +81,7 @@ def build_env_spec(cfg: EnvConfig) -> EnvSpec:
             max_steps=cfg.max_steps,
             num_steps_wait=cfg.num_steps_wait,
             hard_reset=cfg.hard_reset,
+            resolution=cfg.resolution,
             context_source=cfg.context_source,
             allow_unverified_physics=cfg.allow_unverified_physics,
             wrist_collision=cfg.wrist_collision,

@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=int, default=50, help="episodes per task (official init states 0..N-1)")
     p.add_argument("--workers", type=int, default=2, help="environment subprocesses (~1.8 GB RAM each)")
     p.add_argument("--replan-steps", type=int, default=5)
+    p.add_argument(
+        "--pipeline-groups", type=int, default=2, help="env worker groups stepping while the policy serves another"
+    )
     p.add_argument("--max-steps", type=int, help="policy steps per episode (default: the suite's)")
     p.add_argument("--num-steps-wait", type=int, default=NUM_STEPS_WAIT)
     p.add_argument("--seed", type=int, default=SEED)
@@ -260,7 +263,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from functools import partial
 
-    collector = CollectorConfig(replan_steps=args.replan_steps, max_steps=env_cfg.episode_steps, seed=args.seed)
+    collector = CollectorConfig(
+        replan_steps=args.replan_steps,
+        max_steps=env_cfg.episode_steps,
+        seed=args.seed,
+        pipeline_groups=args.pipeline_groups,
+    )
     with EnvPool(
         partial(LiberoEnv, env_cfg), min(args.workers, len(tasks) * args.episodes), timeout_s=args.worker_timeout
     ) as pool:

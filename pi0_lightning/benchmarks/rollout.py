@@ -1,30 +1,47 @@
-"""End-to-end LIBERO rollout throughput: the real EnvPool and RolloutCollector driven by a PI0 `LiberoPolicy`.
+"""Rollout throughput: the real EnvPool and RolloutCollector, lockstep versus pipelined, on LIBERO with a PI0
+`LiberoPolicy` or on the reach env with a stand-in policy.
 
     python -m pi0_lightning.benchmarks.rollout [--workers 8 16] [--phase env|e2e|prepare|all] [--max-steps 60]
+        [--groups 1 2]
     python -m pi0_lightning.benchmarks.rollout --variant pi0_tiny --device cpu --workers 2 --max-steps 10  # smoke
+    python -m pi0_lightning.benchmarks.rollout --phase reach --workers 16 --groups 1 2 4  # CPU only, no LIBERO
 
 env phase: a 1-worker warm-up pool first (robosuite's numba kernels compile on first use, 10-20 s, which would
 otherwise land in the first configuration's build time), then `benchmarks.env.bench` per worker count (cameras
 rendered at every step versus only at chunk starts; no policy).
 
-e2e phase, per worker count W: a fresh pool of W LIBERO workers; build + reset of all W envs (timed), the first
-batched `policy.act` at batch W (CUDA-graph capture, plus compilation of the transformer blocks with `--compile`;
-timed apart as "capture"), 3 more calls (steady latency); then the timed part, `RolloutCollector.collect` of
-W x `--episodes-per-worker` episodes (tasks round-robin over the suite, `--max-steps` policy steps, replanning every
-`--replan` steps, `sync_horizon` so that the batch stays W and no graph is captured mid-run). Reported: env steps/s
-over the whole collect (LIBERO hard resets with their 10 wait steps included) and without the resets, the policy's
-share of the wall time and its time per call (image transforms and tokenisation included).
+e2e phase, per worker count W and group count G (`--groups`; 1 = lockstep, G >= 2 = pipelined): a fresh pool of W
+LIBERO workers; build + reset of all W envs (timed), the first batched `policy.act` at the batch size of a group
+(W / G; CUDA-graph capture, plus compilation of the transformer blocks with `--compile`; timed apart as "capture"),
+3 more calls (steady latency); pipelined runs also capture every smaller batch size first, since a group's batch
+shrinks while some of its workers reset. Then the timed part, `RolloutCollector.collect` of W x
+`--episodes-per-worker` episodes (tasks round-robin over the suite, `--max-steps` policy steps, replanning every
+`--replan` steps; lockstep with `sync_horizon`, so that the batch stays W). Reported: env steps/s over the whole
+collect (LIBERO hard resets with their 10 wait steps included) and without the time in which only reset rounds were
+in flight ("resets": lockstep, the waves' resets; pipelined, only what no chunk round overlapped, an approximation),
+the policy's share of the wall time and its time per call (image transforms and tokenisation included).
 
 prepare phase: the policy's main-process input preparation alone, at batch = each worker count (see
 `prepare_phase`).
 
-Deliberate simplifications: random weights (speed does not depend on them) and identity norm stats, so episodes
-practically never succeed and every one runs the full `--max-steps`: the timing is reproducible, not a success rate.
+reach phase (not part of `all`): lockstep versus pipelined collection, with no GPU and no LIBERO. The workers run the
+reach env (`envs/reach.py`) paced to a simulated cost per step and per reset (`--step-ms`, `--reset-ms`: sleeps,
+i.e. a worker with a core of its own, as the LIBERO workers of the GPU machine), and the policy is a stand-in that
+sleeps `--policy-ms` + `--policy-ms-per-row` x batch per call (the main process idles while it waits, as for a CUDA
+call) and returns seeded random actions, so that some episodes reach their target early (varied lengths, as in RL).
+The defaults model the GPU machine's measurements (BENCHMARKS.md: 20.9 steps/s per LIBERO worker with on-use
+rendering, 2.6 s resets, PI0 ~90 ms per call at batch 8 and ~140 ms at batch 16). Reported per worker count and
+group count: env steps/s, the speed-up over lockstep, the policy's share of the wall time, its calls and mean batch.
+
+Deliberate simplifications: random weights (speed does not depend on them) and identity norm stats, so LIBERO
+episodes practically never succeed and every one runs the full `--max-steps`: the timing is reproducible, not a
+success rate.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 import time
@@ -32,20 +49,25 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from pi0_lightning.benchmarks import write_json
 from pi0_lightning.benchmarks.env import bench, check, machine, render_env_vars
-from pi0_lightning.benchmarks.gpu import time_ms
 from pi0_lightning.envs.libero import LiberoEnv, LiberoEnvConfig, setup_rendering, suite_tasks
 from pi0_lightning.envs.pool import EnvPool
+from pi0_lightning.envs.reach import ReachEnv, ReachEnvConfig, reach_tasks
 from pi0_lightning.rollout.collector import CollectorConfig, RolloutCollector
 from pi0_lightning.rollout.types import EpisodeRequest
 
+# torch is imported where it is used: reach workers import this module (for `PacedReachEnv`) and need no torch
+
 E2E_COLUMNS = (
-    "| workers | episodes | env steps | wall (s) | env steps/s | steps/s w/o resets | policy share "
+    "| workers | groups | episodes | env steps | wall (s) | env steps/s | steps/s w/o resets | policy share "
     "| policy ms/call (calls) | resets (s) | build + reset (s) | first call = capture (s) | steady call (ms) "
-    "| peak GPU (GiB) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| peak GPU (GiB) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+REACH_COLUMNS = (
+    "| workers | groups | episodes | env steps | wall (s) | env steps/s | vs lockstep | policy share "
+    "| policy calls | mean batch | successes |\n|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -70,6 +92,8 @@ def env_phase(args: argparse.Namespace) -> list[dict]:
 
 
 def build_policy(args: argparse.Namespace, instructions: list[str]):
+    import torch
+
     from pi0_lightning.checkpoint import build_model
     from pi0_lightning.envs.spec import identity_norm_stats
     from pi0_lightning.model.config import PI0Config
@@ -101,22 +125,39 @@ def build_policy(args: argparse.Namespace, instructions: list[str]):
 
 
 def _timed_resets(pool: EnvPool) -> list[float]:
-    """Wrap `pool.reset` so that the time spent in resets accumulates in the returned one-element list."""
+    """Wrap `pool.submit` / `pool.gather` so that the wall time during which reset rounds and no other rounds are in
+    flight accumulates in the returned one-element list: lockstep, the time of the waves' resets; pipelined, the
+    resets that no chunk round overlapped (the policy may have been computing meanwhile)."""
     spent = [0.0]
-    reset = pool.reset
+    submit, gather = pool.submit, pool.gather
+    resets: dict[int, bool] = {}  # id(round in flight) -> whether it only resets
+    since = [time.perf_counter()]
 
-    def timed(*a, **kw):
-        t0 = time.perf_counter()
-        try:
-            return reset(*a, **kw)
-        finally:
-            spent[0] += time.perf_counter() - t0
+    def account() -> None:
+        now = time.perf_counter()
+        if resets and all(resets.values()):
+            spent[0] += now - since[0]
+        since[0] = now
 
-    pool.reset = timed
+    def timed_submit(workers, commands):
+        rnd = submit(workers, commands)
+        account()
+        resets[id(rnd)] = all(c.calls[-1][0] == "reset" for c in commands)
+        return rnd
+
+    def timed_gather(rnd):
+        out = gather(rnd)
+        account()
+        resets.pop(id(rnd), None)
+        return out
+
+    pool.submit, pool.gather = timed_submit, timed_gather
     return spent
 
 
-def e2e_workers(args: argparse.Namespace, policy, w: int) -> dict:
+def e2e_workers(args: argparse.Namespace, policy, w: int, groups: int = 1) -> dict:
+    import torch
+
     cuda = args.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     tasks = suite_tasks(args.suite)
@@ -131,22 +172,34 @@ def e2e_workers(args: argparse.Namespace, policy, w: int) -> dict:
         options = [{"task_id": r.task_id, "init_state": r.init_state} for r in requests[:w]]
         obs = [o for o, _ in check(pool.reset(list(range(w)), options=options))]
         build_reset_s = time.perf_counter() - t0
-        inputs = policy.prepare(obs, [r.prompt for r in requests[:w]])
+        batch = math.ceil(w / groups)  # the largest group
+        inputs = policy.prepare(obs[:batch], [r.prompt for r in requests[:batch]])
         calls = []
         for i in range(4):  # the first one captures the graph (and compiles)
             sync()
             t0 = time.perf_counter()
-            policy.act(inputs, seed=i)
+            policy.act(inputs, seeds=[1000 * i + k for k in range(batch)])
             sync()
             calls.append(time.perf_counter() - t0)
+        if groups > 1:  # a group's batch shrinks while some of its workers reset: capture those sizes too
+            for b in range(1, batch):
+                policy.act(inputs[:b], seeds=list(range(b)))
+            sync()
         resets = _timed_resets(pool)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        config = CollectorConfig(replan_steps=args.replan, max_steps=args.max_steps, sync_horizon=True, progress=False)
-        results, stats = RolloutCollector(pool, policy, config).collect(requests, desc=f"w={w}")
+        config = CollectorConfig(
+            replan_steps=args.replan,
+            max_steps=args.max_steps,
+            sync_horizon=groups == 1,
+            pipeline_groups=groups,
+            progress=False,
+        )
+        results, stats = RolloutCollector(pool, policy, config).collect(requests, desc=f"w={w} g={groups}")
     wall = stats.wall_seconds
     return {
         "workers": w,
+        "groups": groups,
         "episodes": stats.episodes,
         "invalid": sum(not r.valid for r in results),
         "env_steps": stats.env_steps,
@@ -167,8 +220,8 @@ def e2e_workers(args: argparse.Namespace, policy, w: int) -> dict:
 def e2e_row(r: dict) -> str:
     invalid = f" ({r['invalid']} invalid)" if r["invalid"] else ""
     return (
-        f"| {r['workers']} | {r['episodes']}{invalid} | {r['env_steps']} | {r['wall_s']:.1f} | {r['steps_per_s']:.1f} "
-        f"| {r['steps_per_s_no_reset']:.1f} | {100 * r['policy_share']:.0f}% "
+        f"| {r['workers']} | {r['groups']} | {r['episodes']}{invalid} | {r['env_steps']} | {r['wall_s']:.1f} "
+        f"| {r['steps_per_s']:.1f} | {r['steps_per_s_no_reset']:.1f} | {100 * r['policy_share']:.0f}% "
         f"| {r['policy_ms_per_call']:.1f} ({r['policy_calls']}) | {r['reset_s']:.1f} | {r['build_reset_s']:.1f} "
         f"| {r['capture_s']:.1f} | {r['steady_call_ms']:.1f} | {r['peak_gpu_gib']:.1f} |"
     )
@@ -178,6 +231,10 @@ def prepare_phase(args: argparse.Namespace) -> list[dict]:
     """Main-process input preparation of the policy (rotate + resize of both cameras, state, tokens:
     `policy.prepare`; float conversion and batching: `policy.to_observation`) on synthetic 256 x 256 renders, median
     of 20 calls per batch size, no simulator."""
+    import torch
+
+    from pi0_lightning.benchmarks.gpu import time_ms
+
     instructions = [t.language for t in suite_tasks(args.suite)]
     policy = build_policy(args, instructions)
     cpu = torch.device("cpu")  # the timed work is host-side: wall-clock medians
@@ -213,15 +270,122 @@ def e2e_phase(args: argparse.Namespace) -> list[dict]:
     )
     rows = []
     for w in args.workers:
-        rows.append(e2e_workers(args, policy, w))
-        print(e2e_row(rows[-1]), flush=True)  # row by row: a later, larger configuration may be cut off
+        for g in args.groups:
+            rows.append(e2e_workers(args, policy, w, g))
+            print(e2e_row(rows[-1]), flush=True)  # row by row: a later, larger configuration may be cut off
+    return rows
+
+
+class PacedReachEnv(ReachEnv):
+    """The reach env at a simulated cost: `step_ms` per step and `reset_ms` per reset, slept (a worker with a core
+    of its own: the pacing does not load the CPU)."""
+
+    def __init__(self, config: ReachEnvConfig, step_ms: float, reset_ms: float):
+        super().__init__(config)
+        self.step_s, self.reset_s = step_ms / 1000, reset_ms / 1000
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
+        time.sleep(self.reset_s)
+        return super().reset(seed=seed, options=options)
+
+    def step(self, action: np.ndarray) -> tuple[dict, float, bool, bool, dict]:
+        time.sleep(self.step_s)
+        return super().step(action)
+
+
+class DelayPolicy:
+    """A stand-in for a GPU policy: each call sleeps `ms + ms_per_row * batch` milliseconds and returns random
+    chunks, row k's from its own seed; env actions are the model actions times 0.5 (reach moves by (dx, dy))."""
+
+    action_horizon = 10
+
+    def __init__(self, ms: float, ms_per_row: float):
+        self.ms, self.ms_per_row = ms, ms_per_row
+        self.rows = 0
+
+    def prepare(self, observations: list[dict], prompts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(o["eef_pos"], dtype=np.float32) for o in observations]
+
+    def act(self, inputs: list[np.ndarray], seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        time.sleep((self.ms + self.ms_per_row * len(inputs)) / 1000)
+        self.rows += len(inputs)
+        model = np.stack([np.random.default_rng(s).standard_normal((self.action_horizon, 7)) for s in seeds])
+        return model.astype(np.float32), 0.5 * model.astype(np.float32)
+
+
+def reach_workers(args: argparse.Namespace, w: int, groups: int) -> dict:
+    # imported by name, so that the workers can unpickle the env factory also when this file runs as __main__
+    from pi0_lightning.benchmarks.rollout import PacedReachEnv
+
+    env_cfg = ReachEnvConfig(max_steps=args.max_steps)
+    tasks = reach_tasks(env_cfg)
+    requests = [
+        EpisodeRequest(tasks[k % len(tasks)].task_id, k // len(tasks), tasks[k % len(tasks)].language, seed=k)
+        for k in range(w * args.episodes_per_worker)
+    ]
+    policy = DelayPolicy(args.policy_ms, args.policy_ms_per_row)
+    env_fn = partial(PacedReachEnv, env_cfg, args.step_ms, args.reset_ms)
+    with EnvPool(env_fn, w, env_vars={"OMP_NUM_THREADS": "1"}) as pool:
+        check(pool.call(list(range(w)), "set_render", args_list=[(True,)] * w))  # workers up, envs built
+        config = CollectorConfig(
+            replan_steps=args.replan, max_steps=args.max_steps, pipeline_groups=groups, seed=0, progress=False
+        )
+        results, stats = RolloutCollector(pool, policy, config).collect(requests, desc=f"w={w} g={groups}")
+    return {
+        "workers": w,
+        "groups": groups,
+        "episodes": stats.episodes,
+        "invalid": sum(not r.valid for r in results),
+        "successes": stats.successes,
+        "env_steps": stats.env_steps,
+        "wall_s": stats.wall_seconds,
+        "steps_per_s": stats.env_steps_per_s,
+        "policy_share": stats.policy_seconds / stats.wall_seconds,
+        "policy_calls": stats.policy_calls,
+        "mean_batch": policy.rows / max(stats.policy_calls, 1),
+        "outcomes": [(r.success, r.length) for r in results],
+    }
+
+
+def reach_phase(args: argparse.Namespace) -> list[dict]:
+    print(
+        f"reach env paced to {args.step_ms:g} ms per step and {args.reset_ms:g} ms per reset; stand-in policy "
+        f"{args.policy_ms:g} ms + {args.policy_ms_per_row:g} ms per row per call; {args.max_steps} steps per episode "
+        f"at most, replan {args.replan}, {args.episodes_per_worker} episodes per worker\n\n{REACH_COLUMNS}",
+        flush=True,
+    )
+    rows = []
+    for w in args.workers:
+        lockstep = None
+        for g in args.groups:
+            r = reach_workers(args, w, g)
+            rows.append(r)
+            lockstep = r["steps_per_s"] if g == 1 else lockstep
+            speedup = f"{r['steps_per_s'] / lockstep:.2f}x" if lockstep else "-"
+            invalid = f" ({r['invalid']} invalid)" if r["invalid"] else ""
+            print(
+                f"| {w} | {g} | {r['episodes']}{invalid} | {r['env_steps']} | {r['wall_s']:.1f} "
+                f"| {r['steps_per_s']:.1f} | {speedup} | {100 * r['policy_share']:.0f}% | {r['policy_calls']} "
+                f"| {r['mean_batch']:.1f} | {r['successes']} |",
+                flush=True,
+            )
+        outcomes = {str(r["outcomes"]) for r in rows if r["workers"] == w}
+        r = rows[-1]
+        busy_s = (r["env_steps"] * args.step_ms + (r["episodes"] + r["invalid"]) * args.reset_ms) / 1000 / w
+        print(
+            f"\nworkers={w}: per-episode outcomes identical across group counts: {len(outcomes) == 1}; env-only "
+            f"ceiling (the paced steps and resets spread evenly over the workers, no policy): "
+            f"{r['env_steps'] / busy_s:.1f} env steps/s\n",
+            flush=True,
+        )
     return rows
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--phase", choices=["env", "e2e", "prepare", "all"], default="all")
+    p.add_argument("--phase", choices=["env", "e2e", "prepare", "all", "reach"], default="all")
     p.add_argument("--workers", type=int, nargs="+", default=[8, 16])
+    p.add_argument("--groups", type=int, nargs="+", default=[1], help="pipeline groups (e2e, reach); 1 = lockstep")
     p.add_argument("--suite", default="libero_spatial")
     p.add_argument("--variant", default="pi0", help="PI0 variant (pi0: full size; pi0_tiny for a CPU smoke run)")
     p.add_argument("--device", default="cuda")
@@ -231,11 +395,22 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--denoise-steps", type=int, default=10)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="compiled blocks (CUDA)")
     p.add_argument("--env-steps", type=int, default=60, help="timed steps per worker and mode (env phase)")
+    p.add_argument("--step-ms", type=float, default=48.0, help="simulated cost of a reach step (reach)")
+    p.add_argument("--reset-ms", type=float, default=2600.0, help="simulated cost of a reach reset (reach)")
+    p.add_argument("--policy-ms", type=float, default=45.0, help="stand-in policy: ms per call (reach)")
+    p.add_argument("--policy-ms-per-row", type=float, default=6.0, help="stand-in policy: ms per row (reach)")
     p.add_argument("--out", type=Path, help="also write the rows as JSON here")
     args = p.parse_args(argv)
+    setup_rendering()  # before anything imports robosuite / MuJoCo
+    if args.phase == "reach":
+        print(f"{machine()}, python {sys.version.split()[0]}", flush=True)
+        out = {"args": {k: str(v) for k, v in vars(args).items()}, "reach": reach_phase(args)}
+        write_json(args.out, out)
+        return out
+    import torch
+
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("rollout benchmark: error: no CUDA device (use --device cpu with --variant pi0_tiny)")
-    setup_rendering()  # before anything imports robosuite / MuJoCo
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     print(f"{machine()}{gpu}, python {sys.version.split()[0]}", flush=True)
     out: dict = {"args": {k: str(v) for k, v in vars(args).items()}}

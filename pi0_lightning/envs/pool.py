@@ -1,30 +1,38 @@
-"""A pool of simulator environments, each in its own subprocess, stepped in lockstep by the main process.
+"""A pool of simulator environments, each in its own subprocess, driven in rounds by the main process.
 
 Design
 ------
 RL rollouts run N heavy simulator environments (LIBERO: ~1.8 GB of RAM and ~2 s to build each) while the policy
-lives only in the main process. Every :class:`EnvPool` call is one *lockstep round*: the main process first sends
-a command to every selected worker, then gathers all replies and returns them in the order of ``workers``. The
-workers therefore simulate in parallel while the policy waits; the policy then computes the next actions for all
-of them at once.
+lives only in the main process. The unit of work is a *round*: the main process sends one command to each of a set of
+workers, and later gathers their replies, in the order of ``workers``. The two halves are separate calls:
+:meth:`EnvPool.submit` sends a round and returns a :class:`Round` handle at once, :meth:`EnvPool.gather` blocks until
+that round's replies are in and returns them. Several rounds may be in flight at a time as long as no worker is in
+two of them (a worker answers one command before it reads the next), and :meth:`EnvPool.wait` blocks until any of
+several rounds can be gathered. A caller can therefore run the policy for some workers while others are stepping
+(see `rollout/collector.py`). The blocking calls :meth:`EnvPool.reset`, :meth:`EnvPool.step` and
+:meth:`EnvPool.call` are one round each, submitted and gathered at once.
 
-Each command is a short list of env method calls executed back to back in the worker, and only the last result
-comes back. This is how :meth:`EnvPool.step` sends ``set_render`` together with ``step`` in one round trip.
+A command (:class:`Command`) is a short list of env method calls executed back to back in the worker. Normally only
+the last result comes back; this is how :meth:`EnvPool.step` sends ``set_render`` together with ``step`` in one round
+trip. A *steps* command (:meth:`Command.steps`) runs several steps (each with its own render flag) and returns all
+their results, stopping early after a step that ends the episode (terminated or truncated): a whole action chunk in
+one round trip.
 
 Failure handling
 ----------------
 A round never hangs and never fails as a whole: a worker that cannot answer yields a :class:`WorkerFailure` in its
 slot, while the other workers' results are returned intact.
 
-* Crash (segfault, OOM kill, ``os._exit``): the gather waits on the pipes *and* the process sentinels with
+* Crash (segfault, OOM kill, ``os._exit``): replies are awaited on the pipes *and* the process sentinels with
   :func:`multiprocessing.connection.wait`, so a dead worker is noticed at once, not after the timeout.
-* Hang: the round has a deadline of ``timeout_s``; workers still silent at the deadline are reported as timed out.
+* Hang: each round has a deadline of ``timeout_s`` after its submission; workers still silent at the deadline are
+  reported as timed out.
 * Exception inside the env: caught in the worker and sent back as a one-line ``"error: Type: message"`` (the full
   traceback comes along; it is logged at DEBUG level and kept in :attr:`WorkerFailure.traceback`).
 
-In all three cases the env's state is unknown, so the worker is killed and replaced by a fresh process built from
-the same ``env_fn`` (one warning per replacement, counted in :attr:`EnvPool.restarts`). The new env is *not* reset:
-the caller marks that episode invalid, then resets the worker and re-runs it.
+In all three cases the env's state is unknown, so when the round is gathered the worker is killed and replaced by a
+fresh process built from the same ``env_fn`` (one warning per replacement, counted in :attr:`EnvPool.restarts`). The
+new env is *not* reset: the caller marks that episode invalid, then resets the worker and re-runs it.
 
 Processes
 ---------
@@ -41,7 +49,9 @@ receives the parent's current ``sys.path``. Note that the parent's environment v
 as they were when the server started, which is one more reason to pass ``env_vars`` explicitly.
 
 Workers ignore SIGINT (Ctrl-C reaches the whole process group; the main process handles it and closes the pool).
-A ``KeyboardInterrupt`` in the middle of a round closes the pool, since its pipes are then out of step.
+A ``KeyboardInterrupt`` while sending a round or waiting for replies closes the pool, since its pipes are then out of
+step. A round submitted and never gathered keeps its workers busy (they reject further rounds); a caller that gives
+up on its rounds (an exception between submit and gather) gathers them to free the workers.
 :meth:`EnvPool.close` is idempotent and also runs on garbage collection and at interpreter exit; workers are
 daemonic, and each holds the read end of a "lifeline" pipe whose only writer is the main process: a thread in the
 worker exits the process as soon as that pipe reports EOF, i.e. when the main process is gone, even if it died from
@@ -104,12 +114,70 @@ class WorkerFailure:
     traceback: str = field(default="", repr=False, compare=False)
 
 
-# A command is a list of (method, args, kwargs) calls run back to back on the env; the last result is returned.
-_Calls = list[tuple[str, tuple, dict]]
+@dataclass(frozen=True)
+class Command:
+    """What one worker runs in a round: env method calls, back to back.
+
+    The reply is the last call's result, or with ``until_done`` (:meth:`steps`) the list of the ``step`` results,
+    the worker stopping after a step that ends the episode (``terminated`` or ``truncated``).
+    """
+
+    calls: tuple[tuple[str, tuple, dict], ...]
+    until_done: bool = False
+
+    @classmethod
+    def call(cls, method: str, args: Sequence[Any] | None = None, kwargs: dict[str, Any] | None = None) -> Command:
+        """``getattr(env, method)(*args, **kwargs)``."""
+        return cls(((method, () if args is None else tuple(args), {} if kwargs is None else dict(kwargs)),))
+
+    @classmethod
+    def reset(cls, seed: int | None = None, options: dict | None = None) -> Command:
+        """``env.reset(seed=seed, options=options)``."""
+        return cls.call("reset", kwargs={"seed": seed, "options": options})
+
+    @classmethod
+    def step(cls, action: np.ndarray, render: bool | None = None) -> Command:
+        """``env.step(action)``, preceded by ``env.set_render(render)`` unless ``render`` is None."""
+        calls = [] if render is None else [("set_render", (bool(render),), {})]
+        return cls((*calls, ("step", (action,), {})))
+
+    @classmethod
+    def steps(cls, actions: Sequence[np.ndarray], render: Sequence[bool] | None = None) -> Command:
+        """Several steps back to back (``render[j]`` as in :meth:`step`); the reply is the list of their results,
+        ending with the step that ended the episode if one did."""
+        if render is None:
+            render = [None] * len(actions)
+        elif len(render) != len(actions):
+            raise ValueError(f"got {len(render)} render flags for {len(actions)} actions")
+        calls = tuple(c for a, r in zip(actions, render, strict=True) for c in cls.step(a, r).calls)
+        return cls(calls, until_done=True)
+
+
+class Round:
+    """A round in flight: returned by :meth:`EnvPool.submit`, redeemed (once) by :meth:`EnvPool.gather`."""
+
+    def __init__(self, workers: list[int], deadline: float, timeout_s: float):
+        self.workers = workers
+        self.deadline = deadline
+        self.timeout_s = timeout_s
+        self.results: list[Any] = [None] * len(workers)
+        self.failures: dict[int, WorkerFailure] = {}  # position -> failure
+        self.pending: dict[int, int] = {}  # worker -> position, until its reply (or its death) is seen
+        self.gathered = False
+
+    @property
+    def done(self) -> bool:
+        """Whether :meth:`EnvPool.gather` would return without waiting (all replies seen, or the deadline passed).
+        Replies are read by :meth:`EnvPool.wait` and :meth:`EnvPool.gather`; this property reads nothing."""
+        return not self.pending or time.monotonic() >= self.deadline
+
+    def __repr__(self) -> str:
+        state = "gathered" if self.gathered else f"{len(self.pending)} pending"
+        return f"Round(workers={self.workers}, {state})"
 
 
 class EnvPool:
-    """``num_workers`` env subprocesses stepped in lockstep; see the module docstring for the design."""
+    """``num_workers`` env subprocesses driven in rounds; see the module docstring for the design."""
 
     def __init__(
         self,
@@ -151,6 +219,7 @@ class EnvPool:
         if start_method != "fork":
             self._lifeline = self._ctx.Pipe(duplex=False)
         self._closed = False
+        self._busy: dict[int, Round] = {}  # worker -> the submitted, not yet gathered round it belongs to
         # Shares the lists (mutated in place on replacement), never `self`, so the pool can be collected.
         self._finalizer = weakref.finalize(
             self, _shutdown, self._procs, self._conns, self._lifeline or (), _CLOSE_GRACE_S
@@ -177,8 +246,7 @@ class EnvPool:
         n = len(workers)
         seeds = _per_worker(seeds, n, "seeds")
         options = _per_worker(options, n, "options")
-        kwargs_list = [{"seed": s, "options": o} for s, o in zip(seeds, options, strict=True)]
-        return self.call(workers, "reset", kwargs_list=kwargs_list)
+        return self.gather(self.submit(workers, [Command.reset(s, o) for s, o in zip(seeds, options, strict=True)]))
 
     def step(
         self,
@@ -195,12 +263,7 @@ class EnvPool:
         if len(actions) != n:
             raise ValueError(f"got {len(actions)} actions for {n} workers")
         render = _per_worker(render, n, "render")
-        calls: list[_Calls] = []
-        for action, r in zip(actions, render, strict=True):
-            c: _Calls = [] if r is None else [("set_render", (bool(r),), {})]
-            c.append(("step", (action,), {}))
-            calls.append(c)
-        return self._round(workers, calls)
+        return self.gather(self.submit(workers, [Command.step(a, r) for a, r in zip(actions, render, strict=True)]))
 
     def call(
         self,
@@ -213,11 +276,87 @@ class EnvPool:
         n = len(workers)
         args_list = _per_worker(args_list, n, "args_list")
         kwargs_list = _per_worker(kwargs_list, n, "kwargs_list")
-        calls = [
-            [(method, () if a is None else tuple(a), {} if kw is None else dict(kw))]
-            for a, kw in zip(args_list, kwargs_list, strict=True)
-        ]
-        return self._round(workers, calls)
+        commands = [Command.call(method, a, kw) for a, kw in zip(args_list, kwargs_list, strict=True)]
+        return self.gather(self.submit(workers, commands))
+
+    def submit(self, workers: Sequence[int], commands: Sequence[Command]) -> Round:
+        """Send ``commands[k]`` to ``workers[k]`` for all k and return at once; :meth:`gather` collects the replies.
+
+        The round's deadline is ``timeout_s`` from now. A worker may be in one round at a time: one of a round not
+        yet gathered is rejected (RuntimeError), as are repeated or out-of-range indices (ValueError).
+        """
+        if self._closed:
+            raise RuntimeError("EnvPool is closed")
+        workers = [int(w) for w in workers]
+        if len(set(workers)) != len(workers):
+            raise ValueError(f"workers must be distinct, got {workers}")
+        if len(commands) != len(workers):
+            raise ValueError(f"got {len(commands)} commands for {len(workers)} workers")
+        for w in workers:
+            if not 0 <= w < self.num_workers:
+                raise ValueError(f"worker index {w} out of range for {self.num_workers} workers")
+            if w in self._busy:
+                raise RuntimeError(f"worker {w} is in a round that was not gathered yet")
+        rnd = Round(workers, time.monotonic() + self.timeout_s, self.timeout_s)
+        try:
+            for pos, (w, command) in enumerate(zip(workers, commands, strict=True)):
+                self._busy[w] = rnd
+                try:
+                    self._conns[w].send(("run", (list(command.calls), command.until_done)))
+                except (BrokenPipeError, ConnectionResetError, EOFError):  # the worker died while idle
+                    rnd.failures[pos] = WorkerFailure(w, self._crash_reason(w))
+                    continue
+                rnd.pending[w] = pos
+        except BaseException:
+            # Ctrl-C (or a bug) mid-send leaves the pipes out of step: give up on the pool.
+            self.close(grace_s=0.5)
+            raise
+        return rnd
+
+    def gather(self, rnd: Round) -> list[Any]:
+        """Wait for the replies of a submitted round (until its deadline) and return them in the order of its
+        workers; a worker that crashed, hung or raised gives a :class:`WorkerFailure` and is replaced here."""
+        if rnd.gathered:
+            raise RuntimeError("this round was already gathered")
+        if self._closed:
+            raise RuntimeError("EnvPool is closed")
+        try:
+            while rnd.pending:
+                self._poll([rnd], None)
+        except BaseException:
+            # Ctrl-C (or a bug) mid-round leaves replies in flight: the pipes are out of step, so give up on the pool.
+            self.close(grace_s=0.5)
+            raise
+        rnd.gathered = True
+        for w in rnd.workers:
+            if self._busy.get(w) is rnd:
+                del self._busy[w]
+        for pos, failure in sorted(rnd.failures.items()):
+            if failure.traceback:
+                logger.debug("env worker %d raised:\n%s", failure.worker, failure.traceback)
+            self._replace(failure.worker, failure.reason)
+            rnd.results[pos] = failure
+        return rnd.results
+
+    def wait(self, rounds: Sequence[Round], timeout: float | None = None) -> list[Round]:
+        """Read the replies that arrive, until at least one of ``rounds`` is :attr:`~Round.done` or ``timeout``
+        seconds have passed (None: no limit, the rounds' deadlines end the wait anyway); return the done ones, in
+        the order given. ``timeout=0`` only reads the replies already there."""
+        if self._closed:
+            raise RuntimeError("EnvPool is closed")
+        if not rounds:
+            return []
+        until = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                remaining = None if until is None else max(0.0, until - time.monotonic())
+                self._poll(rounds, remaining)
+                done = [r for r in rounds if r.done]
+                if done or remaining == 0.0:
+                    return done
+        except BaseException:
+            self.close(grace_s=0.5)
+            raise
 
     def close(self, grace_s: float = _CLOSE_GRACE_S) -> None:
         """Ask every worker to close its env and exit; terminate (then kill) those still alive after ``grace_s``."""
@@ -257,59 +396,35 @@ class EnvPool:
         child_conn.close()  # only the worker holds its end: the parent then sees EOF when the worker dies
         return proc, parent_conn
 
-    def _round(self, workers: Sequence[int], calls: Sequence[_Calls]) -> list[Any]:
-        """One lockstep round: send ``calls[k]`` to ``workers[k]`` for all k, then gather with a deadline."""
-        if self._closed:
-            raise RuntimeError("EnvPool is closed")
-        workers = [int(w) for w in workers]
-        if len(set(workers)) != len(workers):
-            raise ValueError(f"workers must be distinct, got {workers}")
-        for w in workers:
-            if not 0 <= w < self.num_workers:
-                raise ValueError(f"worker index {w} out of range for {self.num_workers} workers")
-
-        results: list[Any] = [None] * len(workers)
-        failures: dict[int, WorkerFailure] = {}  # position -> failure
-        pending: dict[Any, int] = {}  # pipe or sentinel -> position
-        try:
-            for pos, (w, c) in enumerate(zip(workers, calls, strict=True)):
-                try:
-                    self._conns[w].send(("run", c))
-                except (BrokenPipeError, ConnectionResetError, EOFError):  # the worker died while idle
-                    failures[pos] = WorkerFailure(w, self._crash_reason(w))
+    def _poll(self, rounds: Sequence[Round], timeout: float | None) -> None:
+        """One wait on the pipes and sentinels of the pending workers of ``rounds``, at most until the earliest of
+        their deadlines (and at most ``timeout`` seconds); store what arrived. Workers still pending once their
+        round's deadline has passed are marked as timed out."""
+        watched: dict[Any, tuple[Round, int]] = {}
+        for rnd in rounds:
+            for w in rnd.pending:
+                watched[self._conns[w]] = watched[self._procs[w].sentinel] = (rnd, w)
+        if watched:
+            now = time.monotonic()
+            limit = min(rnd.deadline for rnd in rounds if rnd.pending) - now
+            if timeout is not None:
+                limit = min(limit, timeout)
+            for obj in wait(list(watched), timeout=max(0.0, limit)):
+                rnd, w = watched[obj]
+                pos = rnd.pending.pop(w, None)
+                if pos is None:  # its pipe and its sentinel were both ready; already handled
                     continue
-                pending[self._conns[w]] = pos
-                pending[self._procs[w].sentinel] = pos
-
-            deadline = time.monotonic() + self.timeout_s
-            while pending:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                for obj in wait(list(pending), timeout=remaining):
-                    pos = pending.get(obj)
-                    if pos is None:  # its pipe and its sentinel were both ready; already handled
-                        continue
-                    w = workers[pos]
-                    outcome = self._receive(w)
-                    if isinstance(outcome, WorkerFailure):
-                        failures[pos] = outcome
-                    else:
-                        results[pos] = outcome
-                    del pending[self._conns[w]], pending[self._procs[w].sentinel]
-            for pos in set(pending.values()):
-                failures[pos] = WorkerFailure(workers[pos], f"timed out after {self.timeout_s:.1f} s")
-        except BaseException:
-            # Ctrl-C (or a bug) mid-round leaves replies in flight: the pipes are out of step, so give up on the pool.
-            self.close(grace_s=0.5)
-            raise
-
-        for pos, failure in sorted(failures.items()):
-            if failure.traceback:
-                logger.debug("env worker %d raised:\n%s", failure.worker, failure.traceback)
-            self._replace(failure.worker, failure.reason)
-            results[pos] = failure
-        return results
+                outcome = self._receive(w)
+                if isinstance(outcome, WorkerFailure):
+                    rnd.failures[pos] = outcome
+                else:
+                    rnd.results[pos] = outcome
+        now = time.monotonic()
+        for rnd in rounds:
+            if rnd.pending and now >= rnd.deadline:
+                for w, pos in rnd.pending.items():
+                    rnd.failures[pos] = WorkerFailure(w, f"timed out after {rnd.timeout_s:.1f} s")
+                rnd.pending.clear()
 
     def _receive(self, w: int) -> Any:
         """Read worker ``w``'s reply once its pipe or sentinel is ready: the result, or a WorkerFailure."""
@@ -437,9 +552,16 @@ def _worker_main(conn: Connection, lifeline: Connection | None, env_fn: Any, env
                 if env is None:
                     factory = pickle.loads(env_fn) if isinstance(env_fn, bytes) else env_fn
                     env = factory()
-                result = None
-                for method, args, kwargs in payload:
+                calls, until_done = payload
+                result, steps = None, []
+                for method, args, kwargs in calls:
                     result = getattr(env, method)(*args, **kwargs)
+                    if until_done and method == "step":
+                        steps.append(result)
+                        if result[2] or result[3]:  # terminated or truncated: the rest of the chunk is not run
+                            break
+                if until_done:
+                    result = steps
             except Exception as e:
                 _send_error(conn, e)
                 continue  # the parent kills and replaces us

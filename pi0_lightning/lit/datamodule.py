@@ -47,6 +47,7 @@ class RolloutDataModule(L.LightningDataModule):
         video_episodes: int = 1,
         seed: int = 0,
         progress: bool = True,
+        pipeline_groups: int = 2,
     ):
         """
         Args:
@@ -61,8 +62,12 @@ class RolloutDataModule(L.LightningDataModule):
             video_episodes: episodes per task recorded as video during validation (0 = none).
             seed: base seed of context order and policy noise.
             progress: show rollout progress bars.
+            pipeline_groups: env worker groups of pipelined collection (`rollout.collector`): while the policy
+                computes one group's chunks the others step theirs. 1 = lockstep waves; distributed runs always
+                collect in lockstep, which keeps the ranks' forward calls equal.
         """
         super().__init__()
+        self.pipeline_groups = pipeline_groups
         self.env_config = env or EnvConfig()
         self.sampling = sampling or SamplingConfig()
         self.replan_steps = replan_steps
@@ -162,6 +167,7 @@ class RolloutDataModule(L.LightningDataModule):
             replan_steps=self.replan_steps,
             max_steps=self.spec.max_steps,
             sync_horizon=self.world_size > 1,
+            pipeline_groups=1 if self.world_size > 1 else self.pipeline_groups,
             retry_env_errors=not evaluation,
             seed=seed,
             progress=self.progress and self.rank == 0,

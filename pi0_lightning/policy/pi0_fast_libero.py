@@ -7,7 +7,9 @@ takes the FAST ids between `Action: ` and `|`, decodes them to a (H, 7) normalis
 decode, as openpi), unnormalises it and adds the chunk-start state to the first 6 dims (delta actions).
 
 For RL each row also returns a `TokenRecord`: the decoded ids up to and including the first EOS and their
-log-probabilities under the sampling distribution, the LOOP ratio's log pi_old.
+log-probabilities under the sampling distribution, the LOOP ratio's log pi_old. When sampling (temperature > 0),
+each row's random numbers come from its own seed (`act(inputs, seeds)`), so a row decodes the same tokens whatever
+else shares the batch; greedy decoding has no randomness and is `PI0FAST.sample_tokens` itself.
 
 Deliberate difference from openpi: the action ids are located in the decoded id sequence instead of a
 decode-to-text / re-encode round trip. For the PaliGemma tokenizer the round trip returns the same ids for
@@ -17,6 +19,7 @@ the tokens RL trains on exactly the ones that were sampled.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,7 +27,7 @@ import numpy as np
 import torch
 
 from pi0_lightning.model.observation import Observation
-from pi0_lightning.model.pi0_fast import EOS_ID, PI0FAST
+from pi0_lightning.model.pi0_fast import EOS_ID, PI0FAST, sampling_logprobs
 from pi0_lightning.model.speed import SpeedConfig, apply_speed_paths
 from pi0_lightning.policy.fast_tokenizer import FASTActionTokenizer
 from pi0_lightning.policy.pi0_libero import LiberoInputs, PolicyInput
@@ -43,6 +46,14 @@ class TokenRecord:
     logp: np.ndarray  # (n,) float32
     decoded: bool
     """Whether the ids held a well-formed action chunk (otherwise the env got zeros)."""
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One draw per row of the categorical `probs` (B, V) from uniforms `u` (B,) in [0, 1): the first index whose
+    cumulative probability exceeds u times the row total (float64 sums; zero-probability ids are never drawn)."""
+    cdf = probs.double().cumsum(-1)
+    target = (u.double() * cdf[:, -1])[:, None]
+    return torch.searchsorted(cdf, target, right=True)[:, 0].clamp_max(probs.shape[-1] - 1)
 
 
 class LiberoFASTPolicy(LiberoInputs):
@@ -133,6 +144,39 @@ class LiberoFASTPolicy(LiberoInputs):
         )
         return obs.to(device if device is not None else self.device)
 
+    # ------------------------------------------------------------------ decoding
+
+    def sample_rows(self, obs: Observation, seeds: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`PI0FAST.sample_tokens(obs, max_decoding_steps, temperature, return_logp=True, decoder=...)` with
+        per-row randomness: decoding step t of row k draws its token from softmax(logits / T) by inverse CDF with
+        the uniform number u[k, t], where u[k] comes from a CPU generator seeded with `seeds[k]`. Same prefill,
+        decoding steps (eager or the CUDA-graph decoder), stop rule and recorded log-probs as `sample_tokens`; only
+        the draw differs (its one generator serves the whole batch)."""
+        model, n, temperature = self.model, self.max_decoding_steps, self.temperature
+        pre = model._prefill(obs, n)
+        if self.decoder is None:
+            buf, step_fn = model.decode_buffers(pre, n), model.decode_step
+        else:
+            buf, step_fn = self.decoder.prepare(pre, n), self.decoder.step
+        last = pre["last"]
+        b, device = last.shape[0], last.device
+        uniforms = torch.stack(
+            [torch.rand(n, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64) for s in seeds]
+        ).to(device)
+        output = torch.zeros(b, n, dtype=torch.long, device=device)
+        logp = torch.zeros(b, n, dtype=torch.float32, device=device)
+        for step in range(n):
+            logprobs = sampling_logprobs(last, temperature)
+            token = inverse_cdf(logprobs.exp(), uniforms[:, step])
+            output[:, step] = token
+            logp[:, step] = logprobs.gather(-1, token[:, None])[:, 0]
+            if bool((token == EOS_ID).all()):
+                break
+            buf["token"].copy_(token)
+            buf["step"].fill_(step)
+            last = step_fn(buf)
+        return output, logp
+
     # ------------------------------------------------------------------ outputs
 
     def action_ids(self, ids: list[int]) -> list[int] | None:
@@ -162,16 +206,19 @@ class LiberoFASTPolicy(LiberoInputs):
         return chunk.astype(np.float32), True
 
     @torch.no_grad()
-    def act(self, inputs: list[PolicyInput], seed: int) -> tuple[np.ndarray, np.ndarray, list[TokenRecord]]:
-        g = torch.Generator(device=self.device).manual_seed(seed)
-        tokens, logp = self.model.sample_tokens(
-            self.to_observation(inputs),
-            max_decoding_steps=self.max_decoding_steps,
-            temperature=self.temperature,
-            generator=g,
-            return_logp=True,
-            decoder=self.decoder,
-        )
+    def act(self, inputs: list[PolicyInput], seeds: Sequence[int]) -> tuple[np.ndarray, np.ndarray, list[TokenRecord]]:
+        """Greedy decoding (temperature 0) is `PI0FAST.sample_tokens` as it is; sampling draws row k's tokens with
+        the random numbers of its own seed `seeds[k]` (`sample_rows`), so a row's tokens do not depend on the rest
+        of the batch."""
+        if len(seeds) != len(inputs):
+            raise ValueError(f"got {len(seeds)} seeds for {len(inputs)} inputs")
+        obs = self.to_observation(inputs)
+        if self.temperature > 0:
+            tokens, logp = self.sample_rows(obs, seeds)
+        else:
+            tokens, logp = self.model.sample_tokens(
+                obs, max_decoding_steps=self.max_decoding_steps, return_logp=True, decoder=self.decoder
+            )
         tokens, logp = tokens.cpu().numpy(), logp.cpu().numpy()
         chunks, records = [], []
         for row, row_logp in zip(tokens, logp, strict=True):

@@ -3,13 +3,15 @@
 Runs in the main process only (environment workers never see the model). `prepare` turns raw env observations into
 compact per-observation inputs (224x224 uint8 camera images after openpi's 180-degree rotation and resize, the raw
 8-dim state, the tokenised prompt); these are what each executed chunk stores for training, so the RL loss sees
-exactly what the policy saw. `act` batches them into a model `Observation`, samples with seeded noise, and returns
-both the normalised model-space actions (the RL targets) and the env actions (unnormalised, delta -> absolute).
+exactly what the policy saw. `act` batches them into a model `Observation`, samples with per-row seeded noise (row k's
+noise depends only on its own seed, not on the rest of the batch), and returns both the normalised model-space
+actions (the RL targets) and the env actions (unnormalised, delta -> absolute).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -47,6 +49,13 @@ def batch_observation_inputs(
 ) -> list[tuple[np.ndarray, ...]]:
     """`observation_inputs` of a whole batch, on threads (see `transforms.thread_map`)."""
     return thread_map(partial(observation_inputs, transforms), observations)
+
+
+def row_noise(seeds: Sequence[int], shape: tuple[int, ...], batch: int) -> torch.Tensor:
+    """(batch, *shape) standard normal noise, row k from a CPU generator seeded with `seeds[k]`."""
+    if len(seeds) != batch:
+        raise ValueError(f"got {len(seeds)} seeds for {batch} inputs")
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
 class LiberoInputs:
@@ -166,11 +175,11 @@ class LiberoPolicy(LiberoInputs):
         return self.model.sample_actions(obs, noise=noise, num_steps=self.num_steps, guidance=self.guidance)
 
     @torch.no_grad()
-    def act(self, inputs: list[PolicyInput], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    def act(self, inputs: list[PolicyInput], seeds: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Row k's flow-matching noise comes from its own generator seeded with `seeds[k]`, drawn on the CPU, so a
+        (input, seed) pair gives the same chunk whatever else shares the batch, and on any device."""
         cfg = self.model.config
-        g = torch.Generator().manual_seed(seed)
-        # noise drawn on the CPU so that a seed gives the same chunk on any device
-        noise = torch.randn(len(inputs), cfg.action_horizon, cfg.action_dim, generator=g).to(self.device)
+        noise = row_noise(seeds, (cfg.action_horizon, cfg.action_dim), len(inputs)).to(self.device)
         model_actions = self.sample(self.to_observation(inputs), noise).float().cpu().numpy()
         env_actions = self.transforms.outputs(model_actions, np.stack([x.raw_state for x in inputs]))
         return model_actions, env_actions

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -68,7 +69,10 @@ class RolloutStats:
     successes: int = 0
     env_steps: int = 0
     env_seconds: float = 0.0
+    """Main-process time spent waiting for env workers (with pipelined collection, only when no group could be
+    given to the policy)."""
     policy_seconds: float = 0.0
+    """Main-process time in `prepare` + `act`."""
     policy_calls: int = 0
     wall_seconds: float = 0.0
     failed_attempts: int = 0
@@ -103,6 +107,8 @@ class ChunkPolicy(Protocol):
     def prepare(self, observations: list[dict[str, np.ndarray]], prompts: list[str]) -> list[Any]:
         """Compact per-observation policy inputs (stored with each chunk for training)."""
 
-    def act(self, inputs: list[Any], seed: int) -> tuple[np.ndarray, ...]:
+    def act(self, inputs: list[Any], seeds: Sequence[int]) -> tuple[np.ndarray, ...]:
         """One batched call: (model-space actions (B, H, D), env actions (B, H, 7)), optionally followed by one
-        record per row that is stored with the chunk (`Chunk.record`); `seed` fixes the noise."""
+        record per row that is stored with the chunk (`Chunk.record`). `seeds[k]` fixes row k's noise, and only
+        row k's: a row's output depends on its own input and seed, not on the other rows of the batch (up to
+        floating-point differences of batched kernels), so rollouts do not depend on how they were batched."""

@@ -1,4 +1,5 @@
-"""EnvPool: lockstep results, render flag, crash / hang / exception handling with replacement, clean shutdown.
+"""EnvPool: round results, render flag, chunks of steps, rounds in flight (submit / wait / gather), crash / hang /
+exception handling with replacement, clean shutdown.
 
 The workers (forkserver) unpickle the env factory by module name, so ``fake_env`` must be importable in them: the
 child receives the parent's ``sys.path`` at start time, so putting this directory on ``sys.path`` here is enough.
@@ -26,7 +27,7 @@ if str(HERE) not in sys.path:
 
 from fake_env import CounterEnv  # noqa: E402
 
-from pi0_lightning.envs.pool import EnvPool, WorkerFailure  # noqa: E402
+from pi0_lightning.envs.pool import Command, EnvPool, WorkerFailure  # noqa: E402
 
 
 def a(k: int) -> np.ndarray:
@@ -254,3 +255,69 @@ def test_invalid_arguments():
         with pytest.raises(ValueError, match="seeds"):
             pool.reset([0, 1], seeds=[1])
         assert pool.call([0, 1], "info")[0]["counter"] == 0  # nothing was sent by the rejected calls
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rounds in flight: submit / wait / gather
+
+
+def test_steps_command_runs_a_chunk_and_stops_at_the_episode_end(pool):
+    pool.reset([0, 1], options=[{"start": 0}, {"start": 0}])
+    chunk = Command.steps([a(4)] * 4, render=[False, True, False, True])
+    out = pool.gather(pool.submit([0, 1], [chunk, Command.steps([a(1)] * 2)]))
+    # worker 0: 4, 8, 12 (terminated at >= 10): the fourth action is not run
+    assert [(o["x"].tolist(), term) for o, _, term, _, _ in out[0]] == [([4], False), ([8], False), ([12], True)]
+    assert [("image" in o) for o, *_ in out[0]] == [False, True, False]
+    assert [o["x"].tolist() for o, *_ in out[1]] == [[1], [2]]
+    assert pool.call([0, 1], "info")[0]["counter"] == 12
+
+
+def test_rounds_in_flight_on_disjoint_workers(pool):
+    pool.reset([0, 1, 2], options=[{"start": 0}, {"start": 10}, {"start": 20}])
+    first = pool.submit([0, 2], [Command.step(a(1)), Command.step(a(2))])
+    second = pool.submit([1], [Command.call("info")])
+    with pytest.raises(RuntimeError, match="not gathered"):
+        pool.submit([2], [Command.step(a(1))])  # worker 2 is still in the first round
+    assert pool.wait([first, second], timeout=10) != []
+    assert pool.gather(second)[0]["counter"] == 10  # gathered in any order
+    assert [o["x"].tolist() for o, *_ in pool.gather(first)] == [[1], [22]]
+    with pytest.raises(RuntimeError, match="already gathered"):
+        pool.gather(first)
+    assert pool.step([2], [a(1)])[0][0]["x"].tolist() == [23]  # free again
+    assert pool.restarts == 0
+
+
+def test_wait_returns_the_round_that_completes_while_another_hangs(caplog):
+    with EnvPool(functools.partial(CounterEnv, hang_at=5), 2, timeout_s=1.5) as pool:
+        pool.reset([0, 1], options=[{"start": 4}, {"start": 0}])
+        hung = pool.submit([0], [Command.step(a(1))])
+        fast = pool.submit([1], [Command.steps([a(1)] * 3)])
+        assert pool.wait([hung], timeout=0) == [] and not hung.done
+        t0 = time.monotonic()
+        assert pool.wait([hung, fast]) == [fast]
+        assert time.monotonic() - t0 < 1.0
+        assert [o["x"].tolist() for o, *_ in pool.gather(fast)[0]] == [[1], [2], [3]]
+        with caplog.at_level("WARNING", logger="pi0_lightning.envs.pool"):
+            assert pool.wait([hung]) == [hung]  # at its deadline
+            assert pool.gather(hung) == [WorkerFailure(0, "timed out after 1.5 s")]
+        assert 1.4 < time.monotonic() - t0 < 6 and pool.restarts == 1
+        assert len([r for r in caplog.records if "worker 0 failed" in r.getMessage()]) == 1
+        pool.reset([0])
+        assert pool.step([0, 1], [a(1), a(1)])[1][0]["x"].tolist() == [4]
+
+
+def test_worker_killed_while_its_round_is_in_flight_leaves_the_other_round_intact():
+    with EnvPool(functools.partial(CounterEnv, hang_at=100), 3, timeout_s=20) as pool:
+        pool.reset([0, 1, 2], options=[{"start": 0}, {"start": 99}, {"start": 0}])
+        doomed = pool.submit([0, 1], [Command.steps([a(1)] * 2), Command.steps([a(1)] * 2)])  # worker 1 hangs
+        other = pool.submit([2], [Command.steps([a(2)] * 2)])
+        assert pool.wait([doomed, other]) == [other]
+        os.kill(pool._procs[1].pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        out = pool.gather(doomed)
+        assert time.monotonic() - t0 < 5  # seen through the sentinel, not at the 20 s deadline
+        assert [o["x"].tolist() for o, *_ in out[0]] == [[1], [2]]
+        assert out[1] == WorkerFailure(1, "crashed (exit code -9)") and pool.restarts == 1
+        assert [o["x"].tolist() for o, *_ in pool.gather(other)[0]] == [[2], [4]]
+        pool.reset([1])
+        assert [i["counter"] for i in pool.call([0, 1, 2], "info")] == [2, 0, 4]

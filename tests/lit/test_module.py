@@ -89,7 +89,7 @@ def test_loop_training_step_starts_at_ratio_one_and_moves_toward_positive_tokens
     env = ReachEnv()
     observations = [env.reset(seed=k, options={"task_id": 0, "init_state": k})[0] for k in range(4)]
     inputs = policy.prepare(observations, ["reach the red target"] * 4)
-    model_actions, _, records = policy.act(inputs, seed=0)
+    model_actions, _, records = policy.act(inputs, seeds=[0, 1, 2, 3])
     samples = [
         TrainSample(x, a, np.ones(10, bool), adv, True, 0, r)
         for x, a, adv, r in zip(inputs, model_actions, [1.0, -1.0, 1.0, -1.0], records, strict=True)

@@ -79,8 +79,8 @@ def test_action_ids_are_found_between_the_cue_and_the_end(policy):
 def test_act_returns_env_actions_and_token_records(policy):
     inputs = policy.prepare([raw_obs(0), raw_obs(1), raw_obs(2)], [PROMPT] * 3)
     policy.temperature = 1.0
-    model_actions, env_actions, records = policy.act(inputs, seed=3)
-    again = policy.act(inputs, seed=3)[2]
+    model_actions, env_actions, records = policy.act(inputs, seeds=[3, 4, 5])
+    again = policy.act(inputs, seeds=[3, 4, 5])[2]
     assert model_actions.shape == (3, 10, 7) and env_actions.shape == (3, 10, 7) and len(records) == 3
     expected = policy.transforms.outputs(model_actions, np.stack([x.raw_state for x in inputs]))
     np.testing.assert_allclose(env_actions, expected)
@@ -88,6 +88,41 @@ def test_act_returns_env_actions_and_token_records(policy):
         assert np.array_equal(r.tokens, r2.tokens) and np.array_equal(r.logp, r2.logp)
         assert (r.logp <= 0).all() and (r.tokens[-1] == EOS_ID or len(r.tokens) == 24)
         assert not (r.tokens[:-1] == EOS_ID).any()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 8.0])  # a random model is nearly one-hot: T = 8 spreads it
+def test_a_rows_tokens_do_not_depend_on_the_rest_of_the_batch(policy, temperature):
+    """Row a decodes the same tokens (and log-probs) alone or next to other rows: per-row random numbers when
+    sampling, none when greedy."""
+    policy.temperature = temperature
+    a, b, c = policy.prepare([raw_obs(0), raw_obs(1), raw_obs(2)], [PROMPT] * 3)
+    _, alone_env, (alone,) = policy.act([a], seeds=[11])
+    _, pair_env, pair = policy.act([b, a], seeds=[12, 11])
+    _, _, triple = policy.act([c, b, a], seeds=[7, 8, 11])
+    for row in (pair[1], triple[2]):
+        assert np.array_equal(row.tokens, alone.tokens)
+        np.testing.assert_allclose(row.logp, alone.logp, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(pair_env[1], alone_env[0], atol=1e-6, rtol=0)
+    if temperature > 0:  # the seed matters, and the draws follow the sampling distribution's log-probs
+        others = [policy.act([a], seeds=[s])[2][0].tokens for s in range(20, 26)]
+        assert any(not np.array_equal(t, alone.tokens) for t in others)
+
+
+def test_sampled_rows_decode_as_sample_tokens(policy):
+    """`sample_rows` decodes as `PI0FAST.sample_tokens` does, only the draws differ: its recorded log-probs are what
+    `action_logp` recomputes in one teacher-forced pass (LOOP's ratio is 1 at unchanged weights), and at T -> 0 it
+    picks the greedy ids."""
+    policy.temperature = 8.0
+    obs = policy.to_observation(policy.prepare([raw_obs(0), raw_obs(1)], [PROMPT] * 2))
+    tokens, logp = policy.sample_rows(obs, [1, 2])
+    eos_seen = (tokens == EOS_ID).long().cumsum(1)
+    through_eos = (eos_seen == 0) | ((eos_seen == 1) & (tokens == EOS_ID))
+    recomputed = policy.model.action_logp(obs, tokens, 8.0, policy.max_decoding_steps)
+    assert logp[through_eos].min() < -0.5  # not one-hot: real draws
+    torch.testing.assert_close(recomputed[through_eos], logp[through_eos], atol=1e-4, rtol=1e-4)
+    policy.temperature = 1e-4
+    greedy = policy.model.sample_tokens(obs, max_decoding_steps=policy.max_decoding_steps)
+    assert torch.equal(policy.sample_rows(obs, [1, 2])[0], greedy)
 
 
 def test_tokenizer_overlapping_the_fast_ids_is_rejected(assets):

@@ -9,7 +9,7 @@ import torch
 from pi0_lightning.model.config import PI0Config
 from pi0_lightning.model.pi0 import PI0
 from pi0_lightning.policy.loading import load_policy
-from pi0_lightning.policy.pi0_libero import LiberoPolicy
+from pi0_lightning.policy.pi0_libero import LiberoPolicy, row_noise
 from pi0_lightning.policy.tokenizer import PromptTokenizer, train_small_tokenizer
 from pi0_lightning.policy.transforms import LiberoTransforms, Normalizer
 
@@ -61,15 +61,32 @@ def test_batched_prepare_on_threads_equals_one_by_one(policy):
 
 def test_act_returns_model_and_env_actions(policy):
     inputs = policy.prepare([raw_obs(0), raw_obs(1)], PROMPTS)
-    model_actions, env_actions = policy.act(inputs, seed=3)
+    model_actions, env_actions = policy.act(inputs, seeds=[3, 4])
     assert model_actions.shape == (2, 10, 32) and env_actions.shape == (2, 10, 7)
     # env = unnormalise (std 0.2, mean 0) + delta: the chunk-start state is added to dims 0..5
     expected = model_actions[..., :7] * (0.2 + 1e-6)
     expected[..., :6] += np.stack([x.raw_state[:6] for x in inputs])[:, None]
     np.testing.assert_allclose(env_actions, expected, rtol=1e-5, atol=1e-6)
-    again, _ = policy.act(inputs, seed=3)
-    other, _ = policy.act(inputs, seed=4)
-    assert np.array_equal(model_actions, again) and not np.array_equal(model_actions, other)
+    again, _ = policy.act(inputs, seeds=[3, 4])
+    other, _ = policy.act(inputs, seeds=[3, 5])
+    assert np.array_equal(model_actions, again)
+    assert np.array_equal(model_actions[0], other[0]) and not np.array_equal(model_actions[1], other[1])
+    with pytest.raises(ValueError, match="1 seeds for 2 inputs"):
+        policy.act(inputs, seeds=[3])
+
+
+def test_a_rows_actions_do_not_depend_on_the_rest_of_the_batch(policy):
+    """Per-row noise: row a's chunk is a function of (a, its seed), alone or next to other rows, in any position."""
+    a, b, c = policy.prepare([raw_obs(0), raw_obs(1), raw_obs(2)], [PROMPTS[0], PROMPTS[1], PROMPTS[0]])
+    alone, alone_env = policy.act([a], seeds=[11])
+    pair, pair_env = policy.act([b, a], seeds=[12, 11])
+    triple, _ = policy.act([c, b, a], seeds=[7, 8, 11])
+    np.testing.assert_allclose(pair[1], alone[0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(pair_env[1], alone_env[0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(triple[2], alone[0], atol=1e-5, rtol=0)
+    assert np.abs(pair[0] - alone[0]).max() > 0.1  # another row, another seed: another chunk
+    # the noise itself is exactly the row's own draw
+    torch.testing.assert_close(row_noise([12, 11], (10, 32), 2)[1], row_noise([11], (10, 32), 1)[0], atol=0, rtol=0)
 
 
 def test_observation_masks_absent_right_wrist(policy):

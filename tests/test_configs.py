@@ -1,5 +1,5 @@
 """Every YAML in configs/ parses against the current code (LightningCLI --print_config): the standalone configs
-alone, the experiment overrides on top of the shared base, the SFT overrides on top of the PI0 SFT config, the
+alone (the top level, the LIBERO learning proofs' stages, the base experiment, the PI0 SFT config), the experiment overrides on top of the shared base, the SFT overrides on top of the PI0 SFT config, the
 trainer fragments on top of the demo."""
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from pi0_lightning.lit.module import PI0RLModule
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 BASE = CONFIGS / "experiments" / "base.yaml"
-STANDALONE = sorted([*CONFIGS.glob("*.yaml"), BASE, CONFIGS / "sft" / "pi0_libero.yaml"])
+STANDALONE = sorted(
+    [*CONFIGS.glob("*.yaml"), *CONFIGS.glob("libero_*/*.yaml"), BASE, CONFIGS / "sft" / "pi0_libero.yaml"]
+)
 OVERRIDES = sorted(p for p in (CONFIGS / "experiments").glob("*.yaml") if p != BASE)
 FRAGMENTS = sorted((CONFIGS / "trainer").glob("*.yaml"))
 SFT = CONFIGS / "sft" / "pi0_libero.yaml"
@@ -63,4 +65,4 @@ def test_trainer_fragment_composes_with_the_demo(path, capsys):
 
 
 def test_all_configs_found():
-    assert len(STANDALONE) == 6 and len(OVERRIDES) == 4 and len(FRAGMENTS) >= 4 and len(SFT_OVERRIDES) == 2
+    assert len(STANDALONE) == 10 and len(OVERRIDES) == 4 and len(FRAGMENTS) >= 4 and len(SFT_OVERRIDES) == 2

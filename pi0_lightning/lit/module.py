@@ -112,6 +112,9 @@ class PI0RLModule(L.LightningModule):
         self.iterations_trained = 0
         """RL iterations whose training is in the current weights: what validation results and videos are labelled
         with (0 = the initial weights; `validate --ckpt_path` takes it from the checkpoint)."""
+        self.validation_results: dict[str, Any] | None = None
+        """The last rollout validation with its counts (summed over ranks): `iterations_trained` and per evaluation
+        setting the success rate, episodes and successes, overall and per task (`callbacks.RolloutStatsWriter`)."""
 
     # ------------------------------------------------------------------ model and policy
 
@@ -245,14 +248,30 @@ class PI0RLModule(L.LightningModule):
         if spec is None or self.val_metrics is None:  # held-out loss only
             return
         tasks = spec.tasks
-        for i, (suffix, _) in enumerate(self.algorithm.eval_settings()):
+        settings = []
+        for i, (suffix, value) in enumerate(self.algorithm.eval_settings()):
             out = self.val_metrics[i].compute()  # collective
             self.log(f"val/success_rate{suffix}", out["overall"].reshape(-1)[0].float(), batch_size=1)
             per_task = out["per_task"].reshape(-1)
             for t in tasks:
                 rate = per_task[t.task_id].nan_to_num(0.0).float()
                 self.log(f"val/success{suffix}/task_{t.task_id}", rate, batch_size=1)
+            episodes, successes = out["episodes"].reshape(-1), out["successes"].reshape(-1)
+            settings.append(
+                {
+                    "metric": f"val/success_rate{suffix}",
+                    "value": value,
+                    "success_rate": float(out["overall"]),
+                    "episodes": int(episodes.sum()),
+                    "successes": int(successes.sum()),
+                    "per_task": {
+                        t.task_id: {"episodes": int(episodes[t.task_id]), "successes": int(successes[t.task_id])}
+                        for t in tasks
+                    },
+                }
+            )
             self.val_metrics[i].reset()
+        self.validation_results = {"iterations_trained": self.iterations_trained, "settings": settings}
 
     # ------------------------------------------------------------------ checkpoints and export
 

@@ -136,7 +136,8 @@ class PI0Config:
     @classmethod
     def variant(cls, name: str, **overrides: Any) -> PI0Config:
         """Named sizes: `pi0`, `pi05` (real), `pi0_dummy` / `pi05_dummy` (openpi's dummy Gemma, real SigLIP),
-        `pi0_tiny` / `pi05_tiny` (tiny everything, for tests and CPU demos), `pi0_micro` (pi0_tiny at 112 px)."""
+        `pi0_tiny` / `pi05_tiny` (tiny everything, for tests and CPU demos), `pi0_micro` (pi0_tiny at 112 px),
+        `pi0_small` (~40M parameters, random-init learning on one GPU)."""
         if name not in VARIANTS:
             raise ValueError(f"unknown PI0 variant {name!r}; choose from {', '.join(sorted(VARIANTS))}")
         return cls(**{**VARIANTS[name](), **overrides})
@@ -192,5 +193,12 @@ VARIANTS["pi0_micro"] = lambda: {  # pi0_tiny at 112x112 pixels (64 patches per 
     **VARIANTS["pi0_tiny"](),
     "vision": tiny_vision(112),
     "max_token_len": 16,
+}
+VARIANTS["pi0_small"] = lambda: {  # ~40M parameters: trains from random init on one GPU in minutes (LIBERO proof)
+    "vision": SiglipConfig(width=384, depth=6, mlp_dim=1536, num_heads=6, patch_size=14, image_size=224),
+    "paligemma": GemmaConfig(width=512, depth=6, mlp_dim=2048, num_heads=8, num_kv_heads=1, head_dim=64),
+    "action_expert": GemmaConfig(width=256, depth=6, mlp_dim=1024, num_heads=8, num_kv_heads=1, head_dim=64),
+    "vocab_size": 1024,
+    "max_token_len": TINY_MAX_TOKEN_LEN,
 }
 VARIANTS["dummy"] = VARIANTS["pi0_dummy"]

@@ -45,6 +45,13 @@ def test_fit_then_validate(tmp_path):
     assert (run / "success_rate.png").is_file() and list((run / "videos").glob("iteration_*/*.mp4"))
     assert main(["validate", "--config", str(config), "--ckpt_path", str(run / "checkpoints" / "last.ckpt")]) == 0
     assert len(mlflow_runs(tmp_path)) == 1  # validate continued the same MLflow run
+    # each validation's counts (fit's, then validate's of the same weights) for significance tests
+    validations = [json.loads(line) for line in (run / "validation.jsonl").read_text().splitlines()]
+    assert [v["iterations_trained"] for v in validations] == [1, 1]
+    assert validations[0]["settings"] == validations[1]["settings"]  # the same weights, seeds and init states
+    first = validations[0]["settings"][0]
+    assert [s["metric"] for s in validations[0]["settings"]] == ["val/success_rate", "val/success_rate_w2"]
+    assert first["episodes"] == sum(t["episodes"] for t in first["per_task"].values()) > 0
 
 
 def test_bad_inputs_fail_cleanly(tmp_path, capsys):

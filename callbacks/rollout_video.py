@@ -1,4 +1,6 @@
-"""Rollout videos of a few validation episodes per iteration, written as mp4 and logged to MLflow (rank 0)."""
+"""Rollout videos of a few validation episodes per iteration, written as mp4 and logged to MLflow (rank 0). Frames are
+shown upright whether the env workers sent raw renders or images they prepared for the policy (the data module's
+`env_image_size`; `evaluate.video_frame`)."""
 
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ class RolloutVideoLogger(L.Callback):
         from pi0_lightning.evaluate import write_videos
 
         folder = f"iteration_{iterations_trained(trainer, pl_module):04d}"
-        paths = write_videos(episodes, self.dirpath / folder, fps=self.fps)
+        prepared = getattr(getattr(trainer, "datamodule", None), "env_image_size", None) is not None
+        paths = write_videos(episodes, self.dirpath / folder, fps=self.fps, prepared=prepared)
         for logger in trainer.loggers:
             if isinstance(logger, MLFlowLogger):
                 for p in paths:

@@ -8,7 +8,8 @@ order from that random stream, so episode k sees the fixture layout openpi's epi
 it (`openpi_streams`). An episode whose env raises counts as a failure (and is reported), as in openpi. Writes
 `results.json`, `results.md` (both carry the simulator stack) and (with --video N) mp4s of the first N episodes of
 each task to --out. Success rates are summed across ranks with torchmetrics when run distributed (the Lightning
-`validate` path reuses the same requests and counting).
+`validate` path reuses the same requests and counting). The env workers return camera images upright and resized to
+the policy's input size (`LiberoEnvConfig.image_size`), which the policy then uses as they are.
 """
 
 from __future__ import annotations
@@ -126,8 +127,16 @@ def summarize(
     return res
 
 
-def write_videos(results: list[EpisodeResult], out: Path, fps: int = 10) -> list[Path]:
-    """One mp4 per episode that recorded frames, written directly into `out` (created if missing)."""
+def video_frame(frame: np.ndarray, prepared: bool = False) -> np.ndarray:
+    """A recorded agentview frame as videos show it, the camera's view upright (robosuite's OpenCV convention): a raw
+    render (OpenGL orientation, rows bottom-up) flipped vertically; an env-prepared one (`prepared`: rotated by 180
+    degrees for the model as openpi does, i.e. also mirrored left-right, and resized) flipped horizontally."""
+    return np.ascontiguousarray(frame[:, ::-1] if prepared else frame[::-1])
+
+
+def write_videos(results: list[EpisodeResult], out: Path, fps: int = 10, prepared: bool = False) -> list[Path]:
+    """One mp4 per episode that recorded frames, written directly into `out` (created if missing); `prepared`: the
+    frames come from envs that prepared their images (`LiberoEnvConfig.image_size`), see `video_frame`."""
     import imageio.v2 as imageio
 
     paths = []
@@ -136,8 +145,8 @@ def write_videos(results: list[EpisodeResult], out: Path, fps: int = 10) -> list
             continue
         path = out / f"task{r.request.task_id}_init{r.request.init_state}_{'ok' if r.success else 'fail'}.mp4"
         path.parent.mkdir(parents=True, exist_ok=True)
-        # robosuite renders upside down; show the scene upright
-        imageio.mimwrite(path, [np.ascontiguousarray(f[::-1]) for f in r.frames], fps=fps, macro_block_size=1)
+        frames = [video_frame(f, prepared) for f in r.frames]
+        imageio.mimwrite(path, frames, fps=fps, macro_block_size=1)
         paths.append(path)
     return paths
 
@@ -255,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
             max_decoding_steps=args.max_decoding_steps,
             speed=speed,
         )
+        # the workers rotate and resize the camera images to the model's input size (the policy then skips that)
+        env_cfg = replace(env_cfg, image_size=policy.transforms.image_size)
         if getattr(policy.model, "cfg_embed", None) is not None:  # CFG-trained: sample a trained branch, never "none"
             policy.guidance = 1.0 if args.guidance is None else args.guidance
         eval_requests(tasks, args.episodes, args.seed)  # validate before starting workers
@@ -278,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
     (out / "results.md").write_text(result.markdown())
     video_dir = out / "videos"
-    videos = write_videos(episodes, video_dir)
+    videos = write_videos(episodes, video_dir, prepared=env_cfg.image_size is not None)
     print(result.markdown())
     print(
         f"results: {out / 'results.md'}, {out / 'results.json'}"

@@ -1,6 +1,7 @@
 """Every YAML in configs/ parses against the current code (LightningCLI --print_config): the standalone configs
-alone (the top level, the LIBERO learning proofs' stages, the base experiment, the PI0 SFT config), the experiment overrides on top of the shared base, the SFT overrides on top of the PI0 SFT config, the
-trainer fragments on top of the demo."""
+alone (the top level, the LIBERO learning proofs' stages, the base experiment, the PI0 SFT config), the experiment
+overrides on top of the shared base, the SFT overrides on top of the PI0 SFT config, the trainer fragments on top of
+the demo."""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@
         [--groups 1 2]
     python -m pi0_lightning.benchmarks.rollout --variant pi0_tiny --device cpu --workers 2 --max-steps 10  # smoke
     python -m pi0_lightning.benchmarks.rollout --phase reach --workers 16 --groups 1 2 4  # CPU only, no LIBERO
+    python -m pi0_lightning.benchmarks.rollout --phase prepare --variant pi0_tiny --device cpu --workers 16  # CPU
 
 env phase: a 1-worker warm-up pool first (robosuite's numba kernels compile on first use, 10-20 s, which would
 otherwise land in the first configuration's build time), then `benchmarks.env.bench` per worker count (cameras
@@ -19,9 +20,12 @@ shrinks while some of its workers reset. Then the timed part, `RolloutCollector.
 `--replan` steps; lockstep with `sync_horizon`, so that the batch stays W). Reported: env steps/s over the whole
 collect (LIBERO hard resets with their 10 wait steps included) and without the time in which only reset rounds were
 in flight ("resets": lockstep, the waves' resets; pipelined, only what no chunk round overlapped, an approximation),
-the policy's share of the wall time and its time per call (image transforms and tokenisation included).
+the policy's share of the wall time and its time per call (image transforms and tokenisation included). The workers
+return their camera images upright at the model's input size (`LiberoEnvConfig.image_size`), as training and
+evaluation run them; `--env-images raw` sends the renders as they are (the policy rotates and resizes them).
 
-prepare phase: the policy's main-process input preparation alone, at batch = each worker count (see
+prepare phase: the policy's main-process input preparation alone, at batch = each worker count, from raw renders
+versus from images the env workers prepared, with the bytes one observation takes through a worker pipe (see
 `prepare_phase`).
 
 reach phase (not part of `all`): lockstep versus pipelined collection, with no GPU and no LIBERO. The workers run the
@@ -46,6 +50,7 @@ import sys
 import tempfile
 import time
 from functools import partial
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
 import numpy as np
@@ -166,7 +171,8 @@ def e2e_workers(args: argparse.Namespace, policy, w: int, groups: int = 1) -> di
         EpisodeRequest(tasks[k % n].task_id, k // n, tasks[k % n].language, seed=k)
         for k in range(w * args.episodes_per_worker)
     ]
-    env_cfg = LiberoEnvConfig(suite=args.suite, max_steps=args.max_steps)
+    image_size = policy.transforms.image_size if args.env_images == "prepared" else None
+    env_cfg = LiberoEnvConfig(suite=args.suite, max_steps=args.max_steps, image_size=image_size)
     with EnvPool(partial(LiberoEnv, env_cfg), w, env_vars={**render_env_vars(), "OMP_NUM_THREADS": "1"}) as pool:
         t0 = time.perf_counter()
         options = [{"task_id": r.task_id, "init_state": r.init_state} for r in requests[:w]]
@@ -200,6 +206,7 @@ def e2e_workers(args: argparse.Namespace, policy, w: int, groups: int = 1) -> di
     return {
         "workers": w,
         "groups": groups,
+        "env_images": args.env_images,
         "episodes": stats.episodes,
         "invalid": sum(not r.valid for r in results),
         "env_steps": stats.env_steps,
@@ -227,22 +234,35 @@ def e2e_row(r: dict) -> str:
     )
 
 
+def pipe_bytes(obs: dict) -> int:
+    """Bytes of one observation as an env worker's reply pickles it (`multiprocessing`'s pickler)."""
+    return len(ForkingPickler.dumps(obs))
+
+
 def prepare_phase(args: argparse.Namespace) -> list[dict]:
-    """Main-process input preparation of the policy (rotate + resize of both cameras, state, tokens:
-    `policy.prepare`; float conversion and batching: `policy.to_observation`) on synthetic 256 x 256 renders, median
-    of 20 calls per batch size, no simulator."""
+    """Main-process input preparation of the policy (`policy.prepare`: rotate + resize of both cameras, state,
+    tokens; `policy.to_observation`: float conversion and batching) on synthetic 256 x 256 renders, median of 20
+    calls per batch size, no simulator. Each batch is timed twice: as raw renders, and as the env workers send them
+    with `LiberoEnvConfig.image_size` (`prepare_camera_images` applied to the same renders, "images_prepared"), for
+    which `prepare` only checks sizes; both must give identical inputs. Also reported: the pickled bytes of one
+    observation (what a worker pipe carries) and the worker-side cost of preparing one observation's two images."""
     import torch
 
     from pi0_lightning.benchmarks.gpu import time_ms
+    from pi0_lightning.policy.transforms import PREPARED_IMAGES_KEY, prepare_camera_images
 
     instructions = [t.language for t in suite_tasks(args.suite)]
     policy = build_policy(args, instructions)
+    size = policy.transforms.image_size
     cpu = torch.device("cpu")  # the timed work is host-side: wall-clock medians
     rng = np.random.default_rng(0)
-    print("\n| batch | prepare (ms) | to_observation (ms) | per observation (ms) |\n|---|---|---|---|")
+    print(
+        "\n| batch | images | prepare (ms) | to_observation (ms) | per observation (ms) | pickled bytes per obs "
+        "|\n|---|---|---|---|---|---|"
+    )
     rows = []
     for w in args.workers:
-        obs = [
+        raw = [
             {
                 "agentview": rng.integers(0, 256, (256, 256, 3), dtype=np.uint8),
                 "wrist": rng.integers(0, 256, (256, 256, 3), dtype=np.uint8),
@@ -252,12 +272,42 @@ def prepare_phase(args: argparse.Namespace) -> list[dict]:
             }
             for _ in range(w)
         ]
+        prepared = []
+        for o in raw:
+            agent, wrist = prepare_camera_images(o["agentview"], o["wrist"], size)
+            prepared.append({**o, "agentview": agent, "wrist": wrist, PREPARED_IMAGES_KEY: True})
+        one = raw[0]
+        env_ms = time_ms(partial(prepare_camera_images, one["agentview"], one["wrist"], size), cpu, 1, 20)
         prompts = [instructions[0]] * w
-        inputs = policy.prepare(obs, prompts)
-        prepare_ms = time_ms(partial(policy.prepare, obs, prompts), cpu, warmup=1, repeats=20)
-        observation_ms = time_ms(partial(policy.to_observation, inputs), cpu, warmup=1, repeats=20)
-        rows.append({"batch": w, "prepare_ms": prepare_ms, "to_observation_ms": observation_ms})
-        print(f"| {w} | {prepare_ms:.1f} | {observation_ms:.1f} | {(prepare_ms + observation_ms) / w:.2f} |")
+        inputs = policy.prepare(raw, prompts)
+        identical = all(
+            np.array_equal(getattr(a, f), getattr(b, f))
+            for a, b in zip(inputs, policy.prepare(prepared, prompts), strict=True)
+            for f in ("agentview", "wrist", "raw_state", "tokens", "token_mask")
+        )
+        row = {
+            "batch": w,
+            "image_size": size,
+            "prepare_ms": time_ms(partial(policy.prepare, raw, prompts), cpu, warmup=1, repeats=20),
+            "prepare_ms_prepared": time_ms(partial(policy.prepare, prepared, prompts), cpu, warmup=1, repeats=20),
+            "to_observation_ms": time_ms(partial(policy.to_observation, inputs), cpu, warmup=1, repeats=20),
+            "bytes_raw": pipe_bytes(raw[0]),
+            "bytes_prepared": pipe_bytes(prepared[0]),
+            "env_prepare_ms": env_ms,
+            "identical_inputs": identical,
+        }
+        rows.append(row)
+        for label, ms, nbytes in (
+            ("raw 256", row["prepare_ms"], row["bytes_raw"]),
+            (f"prepared {size}", row["prepare_ms_prepared"], row["bytes_prepared"]),
+        ):
+            per_obs = (ms + row["to_observation_ms"]) / w
+            print(f"| {w} | {label} | {ms:.2f} | {row['to_observation_ms']:.1f} | {per_obs:.2f} | {nbytes:,} |")
+    print(
+        f"\nenv-prepared inputs identical to raw-render inputs: {all(r['identical_inputs'] for r in rows)}; "
+        f"preparing one observation's two images in the env worker: {rows[-1]['env_prepare_ms']:.2f} ms",
+        flush=True,
+    )
     return rows
 
 
@@ -393,6 +443,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--replan", type=int, default=5, help="actions executed per chunk (openpi LIBERO: 5)")
     p.add_argument("--episodes-per-worker", type=int, default=1)
     p.add_argument("--denoise-steps", type=int, default=10)
+    p.add_argument(
+        "--env-images",
+        choices=["prepared", "raw"],
+        default="prepared",
+        help="e2e: workers send images upright at the model's size (as training does) or as rendered",
+    )
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="compiled blocks (CUDA)")
     p.add_argument("--env-steps", type=int, default=60, help="timed steps per worker and mode (env phase)")
     p.add_argument("--step-ms", type=float, default=48.0, help="simulated cost of a reach step (reach)")

@@ -50,9 +50,13 @@ official init states. Two differences remain, neither a soft-reset leftover:
 The robot is robosuite 1.4.1's Panda (a collision geom on the wrist link, which openpi's published numbers had),
 installed into the pinned robosuite 1.4.0 when an env is built (`wrist_collision`, `envs.panda_wrist`).
 
-Images are returned as rendered (256x256 uint8, robosuite's OpenGL orientation, i.e. upside down); the policy
-transforms apply openpi's 180-degree rotation and resize to 224. Rendering at 224 directly is *not* pixel-identical
-to 256 + resize (edge pixels differ by up to ~100 levels), so the default keeps openpi's 256.
+Images are returned as rendered by default (256x256 uint8, robosuite's OpenGL orientation, i.e. upside down); the
+policy transforms apply openpi's 180-degree rotation and resize to 224. Rendering at 224 directly is *not*
+pixel-identical to 256 + resize (edge pixels differ by up to ~100 levels), so the default keeps openpi's 256.
+With `image_size` set (the training data module and `evaluate` set the model's input size), the env does that
+rotation and resize itself, with the policy transforms' own function (`policy.transforms.prepare_camera_images`), and
+marks the observation with `PREPARED_IMAGES_KEY` ("images_prepared": True): the policy then skips that work and gets
+the same bytes, and the worker pipes carry 224x224 (or the micro models' 112x112) instead of 256x256 images.
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ import numpy as np
 
 from pi0_lightning.envs import libero_pro
 from pi0_lightning.envs.physics import check_mujoco
+from pi0_lightning.policy.transforms import PREPARED_IMAGES_KEY, prepare_camera_images
 
 try:
     import gymnasium as gym
@@ -201,7 +206,7 @@ class LiberoEnvConfig:
     suite: str = "libero_spatial"
     """LIBERO suite (libero_spatial, libero_object, libero_goal, libero_10, libero_90)."""
     resolution: int = 256
-    """Camera render size (openpi renders 256 and resizes to 224 in the policy transforms)."""
+    """Camera render size (openpi renders 256 and resizes to 224: in the policy transforms, or here, `image_size`)."""
     num_steps_wait: int = NUM_STEPS_WAIT
     """Dummy-action steps at the start of each episode, not counted in max_steps."""
     max_steps: int | None = None
@@ -221,6 +226,12 @@ class LiberoEnvConfig:
     wrist_collision: bool = True
     """The Panda with robosuite 1.4.1's wrist collision geom, as openpi's published numbers were measured
     (envs.panda_wrist); False = robosuite 1.4.0's model, whose wrist passes through objects."""
+    image_size: int | None = None
+    """None: camera images as rendered (resolution x resolution, upside down). An int: both cameras upright (rotated
+    180 degrees) and resized with padding to image_size x image_size, bit-identical to what the policy's transform
+    makes of the render (`prepare_camera_images`), with `PREPARED_IMAGES_KEY` ("images_prepared": True) in the
+    observation so that the policy uses them as they are; it must equal the model's input size (224; the micro
+    variants: 112), which the policy checks."""
 
     @property
     def episode_steps(self) -> int:
@@ -232,7 +243,8 @@ class LiberoEnv(gym.Env if gym is not None else object):
 
     reset(options={"task_id": i, "init_state": k}) runs the wait steps and returns the first observation;
     options["rng_state"] (from `reset_streams`) restores numpy's global stream before the reset instead of `seed`.
-    Observations are compact: {"agentview", "wrist"} uint8 (H, W, 3) only when rendering was requested, and always
+    Observations are compact: {"agentview", "wrist"} uint8 (H, W, 3) only when rendering was requested (as rendered,
+    or with `image_size` upright at that size and with "images_prepared": True), and always
     {"eef_pos" (3,), "eef_quat" (4,) xyzw, "gripper_qpos" (2,)} float64. terminated = task success;
     truncated = `episode_steps` policy steps reached.
     """
@@ -248,7 +260,10 @@ class LiberoEnv(gym.Env if gym is not None else object):
             raise UnknownTaskError(
                 f"unknown LIBERO suite {self.config.suite!r}; valid suites: {', '.join(SUITE_MAX_STEPS)}"
             )
-        r = self.config.resolution
+        size = self.config.image_size
+        if size is not None and size < 1:
+            raise ValueError(f"image_size must be positive or None, got {size}")
+        r = self.config.resolution if size is None else size
         self.observation_space = gym.spaces.Dict(
             {
                 "agentview": gym.spaces.Box(0, 255, (r, r, 3), np.uint8),
@@ -341,16 +356,19 @@ class LiberoEnv(gym.Env if gym is not None else object):
                 self._cameras(False)
         return self._compact(raw, render), bool(done)
 
-    @staticmethod
-    def _compact(raw: dict, images: bool) -> dict[str, np.ndarray]:
-        obs = {
+    def _compact(self, raw: dict, images: bool) -> dict[str, Any]:
+        obs: dict[str, Any] = {
             "eef_pos": np.asarray(raw["robot0_eef_pos"]),
             "eef_quat": np.asarray(raw["robot0_eef_quat"]),
             "gripper_qpos": np.asarray(raw["robot0_gripper_qpos"]),
         }
         if images:
-            obs["agentview"] = np.ascontiguousarray(raw["agentview_image"])
-            obs["wrist"] = np.ascontiguousarray(raw["robot0_eye_in_hand_image"])
+            agent, wrist = raw["agentview_image"], raw["robot0_eye_in_hand_image"]
+            if self.config.image_size is None:
+                obs["agentview"], obs["wrist"] = np.ascontiguousarray(agent), np.ascontiguousarray(wrist)
+            else:
+                obs["agentview"], obs["wrist"] = prepare_camera_images(agent, wrist, self.config.image_size)
+                obs[PREPARED_IMAGES_KEY] = True
         return obs
 
     # -------------------------------------------------------------- gymnasium API

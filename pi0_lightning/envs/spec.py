@@ -1,10 +1,18 @@
 """Which environment an experiment runs: one config dataclass, one function that builds everything the rollout side
 needs (a picklable env factory for the workers, the tasks with their instructions, step limits, init-state counts,
-and fallback norm stats for randomly initialised models)."""
+and fallback norm stats for randomly initialised models).
+
+The spec is built before the model exists (the model's setup reads its tasks and norm stats), so it does not know the
+model's input image size; `EnvSpec.env_factory(image_size)` gives the factory for a given policy: LIBERO envs that
+return their camera images upright and resized to that size (`LiberoEnvConfig.image_size`), so that neither the
+worker pipes nor the main process handle full-size renders. The data module asks for it when it starts the workers,
+with the policy's size. The reach env has no such option and returns its images as rendered (its factory ignores the
+size; the policy prepares them).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Literal
 
@@ -43,8 +51,9 @@ class EnvConfig:
     hard_reset: bool = True
     """LIBERO: rebuild the MuJoCo model at each reset (LIBERO's default)."""
     resolution: int = 256
-    """LIBERO: camera render size (openpi: 256, resized to the model's input size by the policy). Smaller renders
-    are faster on CPU, but their pixels are not openpi's."""
+    """LIBERO: camera render size (openpi: 256, resized to the model's input size, by the env workers when the data
+    module knows the policy: `EnvSpec.env_factory`). Smaller renders are faster on CPU, but their pixels are not
+    openpi's."""
     worker_timeout: float = 300.0
     """Seconds before a hung env worker is replaced."""
     start_method: str = "forkserver"
@@ -63,6 +72,20 @@ class EnvSpec:
     delta_actions: bool
     openpi_seeding: bool = False
     """Evaluation runs each task's episodes from one seeded random stream (LIBERO's fixture layouts)."""
+    libero: LiberoEnvConfig | None = None
+    """The LIBERO envs' config (None: another env), from which `env_factory` makes envs that prepare images."""
+
+    def env_factory(self, image_size: int | None) -> Any:
+        """The env factory for a policy whose model takes `image_size` x `image_size` images: LIBERO envs that return
+        them upright at that size, marked "images_prepared" (`LiberoEnvConfig.image_size`); `factory` (images as
+        rendered) for None or an env that cannot prepare them (reach)."""
+        if image_size is None or self.libero is None:
+            return self.factory
+        return partial(LiberoEnv, replace(self.libero, image_size=image_size))
+
+    def prepares_images(self, image_size: int | None) -> bool:
+        """Whether `env_factory(image_size)`'s envs return prepared images (upright, at `image_size`)."""
+        return image_size is not None and self.libero is not None
 
 
 def identity_norm_stats(state_dim: int = 8, action_dim: int = 7) -> dict:
@@ -97,6 +120,7 @@ def build_env_spec(cfg: EnvConfig) -> EnvSpec:
             identity_norm_stats(),
             delta_actions=True,
             openpi_seeding=True,
+            libero=env_cfg,
         )
     if cfg.name == "reach":
         from pi0_lightning.envs.reach import ReachEnv, ReachEnvConfig, reach_norm_stats, reach_tasks

@@ -1,6 +1,10 @@
 """RolloutDataModule: one epoch = one RL iteration (`rl/iteration.py`), run in `train_dataloader()`.
 
-`setup()` builds this rank's env worker pool once (the model never enters a worker). Every epoch Lightning reloads
+`setup()` builds the env spec (tasks, limits), which the module's setup reads to build the model's assets. This
+rank's env worker pool starts at its first use (the model never enters a worker), when the policy exists: LIBERO
+workers then return camera images upright and resized to the policy's input size (`EnvSpec.env_factory`), so the
+main process neither receives full-size renders nor rotates and resizes them; `env_image_size` records that size for
+the video writer. Every epoch Lightning reloads
 the train loader (`reload_dataloaders_every_n_epochs=1`, set by the CLI), which runs the iteration with the module's
 current policy (FSDP parameters gathered for it) and serves its samples. Validation shards the official evaluation
 episodes across ranks (padded with masked filler episodes); loading a batch runs its episodes once per evaluation
@@ -80,6 +84,9 @@ class RolloutDataModule(L.LightningDataModule):
         self.progress = progress
         self.spec: EnvSpec | None = None
         self.pool: EnvPool | None = None
+        self.env_image_size: int | None = None
+        """The size at which this rank's env workers return camera images upright and resized (the policy's input
+        size; None: as rendered, e.g. the reach env, or no workers yet). Rollout videos read it (`write_videos`)."""
         self.sampler: ContextSampler | None = None
         self._sampler_states: list[dict] | None = None
         self._streams: dict[int, list] | None = None
@@ -113,15 +120,29 @@ class RolloutDataModule(L.LightningDataModule):
             )
             if self._sampler_states is not None and len(self._sampler_states) == self.world_size:
                 self.sampler.load_state_dict(self._sampler_states[self.rank])
-        if self.pool is None or self.pool.closed:
-            env_vars = {"MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"), "OMP_NUM_THREADS": "1"}
-            self.pool = EnvPool(
-                self.spec.factory,
-                self.env_config.num_workers,
-                timeout_s=self.env_config.worker_timeout,
-                start_method=self.env_config.start_method,
-                env_vars=env_vars,
-            )
+
+    def env_pool(self, policy=None) -> EnvPool:
+        """This rank's env workers for `policy` (default: the module's), started at the first call: their envs return
+        camera images prepared at the policy's input size where the env can (`EnvSpec.env_factory`). A policy with
+        another input size gets fresh workers."""
+        if policy is None:
+            policy = self.trainer.lightning_module.policy()
+        size = getattr(getattr(policy, "transforms", None), "image_size", None)
+        size = size if self.spec.prepares_images(size) else None
+        if self.pool is not None and not self.pool.closed and size == self.env_image_size:
+            return self.pool
+        if self.pool is not None:
+            self.pool.close()
+        env_vars = {"MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"), "OMP_NUM_THREADS": "1"}
+        self.pool = EnvPool(
+            self.spec.env_factory(size),
+            self.env_config.num_workers,
+            timeout_s=self.env_config.worker_timeout,
+            start_method=self.env_config.start_method,
+            env_vars=env_vars,
+        )
+        self.env_image_size = size
+        return self.pool
 
     def teardown(self, stage: str) -> None:
         if self.pool is not None:
@@ -172,7 +193,7 @@ class RolloutDataModule(L.LightningDataModule):
             seed=seed,
             progress=self.progress and self.rank == 0,
         )
-        return RolloutCollector(self.pool, policy, cfg).collect(requests, desc=desc)
+        return RolloutCollector(self.env_pool(policy), policy, cfg).collect(requests, desc=desc)
 
     def _device(self) -> torch.device:
         # NCCL collectives need CUDA tensors; gloo takes CPU ones
@@ -190,7 +211,7 @@ class RolloutDataModule(L.LightningDataModule):
         ids = None if self.eval_tasks is None else {int(x) for x in str(self.eval_tasks).split(",")}
         tasks = [t for t in self.spec.tasks if ids is None or t.task_id in ids]
         if self.spec.openpi_seeding and self._streams is None:
-            self._streams = openpi_streams(self.pool, [t.task_id for t in tasks], self.eval_episodes, seed=7)
+            self._streams = openpi_streams(self.env_pool(), [t.task_id for t in tasks], self.eval_episodes, seed=7)
         return eval_requests(tasks, self.eval_episodes, 7, self.video_episodes, self._streams)
 
     def val_dataloader(self) -> DataLoader:

@@ -1,10 +1,12 @@
 """PI0-FAST as a LIBERO chunk policy (openpi's `pi0_fast_libero` pipeline), with what LOOP needs recorded.
 
-Per observation, as openpi: the images are rotated and resized like PI0's, all three cameras are valid (the absent
-right wrist is a black image with mask True), the raw 8-dim state is quantile-normalised and written into the prompt
-as 256 bins (`Task: ..., State: ...;\\n`). `act` decodes with the KV cache (greedy by default, or at a temperature),
-takes the FAST ids between `Action: ` and `|`, decodes them to a (H, 7) normalised chunk (zeros when they do not
-decode, as openpi), unnormalises it and adds the chunk-start state to the first 6 dims (delta actions).
+Per observation, as openpi: the images are rotated and resized like PI0's (the shared `LiberoInputs.prepare`: images
+the env prepared, marked with `transforms.PREPARED_IMAGES_KEY`, are size-checked and kept as they are), all three
+cameras are valid (the absent right wrist is a black image with mask True), the raw 8-dim state is
+quantile-normalised and written into the prompt as 256 bins (`Task: ..., State: ...;\\n`). `act` decodes with the KV
+cache (greedy by default, or at a temperature), takes the FAST ids between `Action: ` and `|`, decodes them to a
+(H, 7) normalised chunk (zeros when they do not decode, as openpi), unnormalises it and adds the chunk-start state to
+the first 6 dims (delta actions).
 
 For RL each row also returns a `TokenRecord`: the decoded ids up to and including the first EOS and their
 log-probabilities under the sampling distribution, the LOOP ratio's log pi_old. When sampling (temperature > 0),

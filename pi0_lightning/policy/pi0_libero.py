@@ -1,9 +1,12 @@
 """PI0 as a LIBERO chunk policy: env observations -> openpi's transforms -> batched `sample_actions` -> env actions.
 
-Runs in the main process only (environment workers never see the model). `prepare` turns raw env observations into
+Runs in the main process only (environment workers never see the model). `prepare` turns env observations into
 compact per-observation inputs (224x224 uint8 camera images after openpi's 180-degree rotation and resize, the raw
 8-dim state, the tokenised prompt); these are what each executed chunk stores for training, so the RL loss sees
-exactly what the policy saw. `act` batches them into a model `Observation`, samples with per-row seeded noise (row k's
+exactly what the policy saw. Observations marked with `transforms.PREPARED_IMAGES_KEY` arrive with their images
+already rotated and resized by the env worker (`LiberoEnvConfig.image_size`, the same function on the same render):
+`prepare` checks their size against the model's and keeps them as they are, giving the same bytes as from raw
+renders. `act` batches them into a model `Observation`, samples with per-row seeded noise (row k's
 noise depends only on its own seed, not on the rest of the batch), and returns both the normalised model-space
 actions (the RL targets) and the env actions (unnormalised, delta -> absolute).
 """
@@ -23,14 +26,20 @@ from pi0_lightning.model.observation import Observation
 from pi0_lightning.model.pi0 import PI0
 from pi0_lightning.model.speed import SpeedConfig, apply_speed_paths
 from pi0_lightning.policy.tokenizer import PromptTokenizer
-from pi0_lightning.policy.transforms import LiberoTransforms, Normalizer, libero_state, thread_map
+from pi0_lightning.policy.transforms import (
+    PREPARED_IMAGES_KEY,
+    LiberoTransforms,
+    Normalizer,
+    libero_state,
+    thread_map,
+)
 
 
 @dataclass
 class PolicyInput:
     """One observation as the policy consumed it."""
 
-    agentview: np.ndarray  # (224, 224, 3) uint8, rotated and resized
+    agentview: np.ndarray  # (224, 224, 3) uint8, rotated and resized (by the policy or the env)
     wrist: np.ndarray  # (224, 224, 3) uint8
     raw_state: np.ndarray  # (8,) float32: eef pos, axis-angle, gripper qpos
     tokens: np.ndarray  # (L,) int64
@@ -39,8 +48,10 @@ class PolicyInput:
 
 def observation_inputs(transforms: LiberoTransforms, obs: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
     """(agentview, wrist, raw state) of one env observation as the policies store them: rotated, resized uint8
-    images and the raw 8-dim state."""
-    agent, wrist = transforms.camera_images(obs["agentview"], obs["wrist"])
+    images (raw renders are prepared here; an observation marked with `PREPARED_IMAGES_KEY` brings them so, and its
+    size is checked) and the raw 8-dim state."""
+    prepared = bool(obs.get(PREPARED_IMAGES_KEY, False))
+    agent, wrist = transforms.camera_images(obs["agentview"], obs["wrist"], prepared=prepared)
     return agent, wrist, libero_state(obs["eef_pos"], obs["eef_quat"], obs["gripper_qpos"])
 
 

@@ -1,7 +1,8 @@
 """LIBERO observation / action transforms, in the order openpi applies them to its LIBERO checkpoints.
 
 Pure numpy + PIL; torch appears only at the boundary (:meth:`LiberoTransforms.inputs` returns tensors and
-:meth:`LiberoTransforms.outputs` accepts them). Nothing here imports the model or the simulator.
+:meth:`LiberoTransforms.outputs` accepts them) and is imported there, so that env workers can import the image
+functions without torch. Nothing here imports the model or the simulator.
 
 openpi's order of operations for one LIBERO step (file names only; all from the openpi repository):
 
@@ -39,6 +40,11 @@ Server side, outputs (``src/openpi/policies/policy.py``; output transforms run i
    up to float rounding; we add the raw state.
 10. ``LiberoOutputs``: keep the first 7 dims.
 
+Steps 1-2 can run where the pixels are: :func:`prepare_camera_images` is the one implementation, used by the policy
+(:meth:`LiberoTransforms.camera_images`) and by the LIBERO env when ``LiberoEnvConfig.image_size`` is set. Such an
+env marks its observations with ``PREPARED_IMAGES_KEY`` (``"images_prepared": True``), and the policy then only checks
+that their size is the model's: the model inputs are bit-identical either way.
+
 :meth:`LiberoTransforms.actions_to_model` inverts 8-10 (subtract state, normalise, zero-pad) so that actions the
 policy executed can be mapped back into model space.
 
@@ -62,7 +68,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from PIL import Image
 
 NORM_STATS_FILENAME = "norm_stats.json"
@@ -253,6 +258,14 @@ def rotate_180(img: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(img)[::-1, ::-1])
 
 
+PREPARED_IMAGES_KEY = "images_prepared"
+"""Observation key that marks camera images prepared by the env: an observation holding it (True) has "agentview" and
+"wrist" upright and at the policy's input size (:func:`prepare_camera_images`; LIBERO with
+``LiberoEnvConfig.image_size``), which the policy uses as they are after checking their size. Without it (or False)
+the images are raw renders, which the policy rotates and resizes. It travels with the images it describes: an
+observation without images carries no flag."""
+
+
 def _resize_with_pad_one(img: np.ndarray, height: int, width: int, method: int) -> np.ndarray:
     pil = Image.fromarray(img)
     cur_w, cur_h = pil.size
@@ -287,6 +300,13 @@ def resize_with_pad(img: np.ndarray, height: int, width: int, method: int = Imag
     else:
         out = np.stack([_resize_with_pad_one(im, height, width, method) for im in flat])
     return out.reshape(*img.shape[:-3], *out.shape[-3:])
+
+
+def prepare_camera_images(agentview: np.ndarray, wrist: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Raw LIBERO renders (uint8 HWC, robosuite's OpenGL orientation) -> both upright (:func:`rotate_180`) and
+    :func:`resize_with_pad`-ed to (size, size, 3) uint8: openpi's client-side steps 1-2, wherever they run (the
+    policy's :meth:`LiberoTransforms.camera_images` or the env's ``LiberoEnvConfig.image_size``)."""
+    return resize_with_pad(rotate_180(agentview), size, size), resize_with_pad(rotate_180(wrist), size, size)
 
 
 _THREADS: ThreadPoolExecutor | None = None
@@ -353,6 +373,8 @@ def pad_to_dim(x: np.ndarray, dim: int, value: float = 0.0) -> np.ndarray:
 
 
 def _to_numpy(x: Any) -> np.ndarray:
+    import torch
+
     if isinstance(x, torch.Tensor):
         return x.detach().to(device="cpu", dtype=torch.float32).numpy()
     return np.asarray(x)
@@ -377,13 +399,23 @@ class LiberoTransforms:
 
     # -- client side --------------------------------------------------------------------------------------------
 
-    def camera_images(self, agentview_uint8: np.ndarray, wrist_uint8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Raw LIBERO renders -> rotated and resized uint8 (S, S, 3) images, S = ``image_size``."""
+    def camera_images(
+        self, agentview_uint8: np.ndarray, wrist_uint8: np.ndarray, prepared: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """LIBERO camera images -> upright uint8 (S, S, 3) images, S = ``image_size``: raw renders are rotated and
+        resized (:func:`prepare_camera_images`); ``prepared`` ones (the env did that, ``PREPARED_IMAGES_KEY``) are
+        returned as they are, after checking that they are S x S x 3 uint8 (a ``ValueError`` otherwise)."""
         s = self.image_size
-        return (
-            resize_with_pad(rotate_180(agentview_uint8), s, s),
-            resize_with_pad(rotate_180(wrist_uint8), s, s),
-        )
+        if not prepared:
+            return prepare_camera_images(agentview_uint8, wrist_uint8, s)
+        images = np.asarray(agentview_uint8), np.asarray(wrist_uint8)
+        for name, image in zip(("agentview", "wrist"), images, strict=True):
+            if image.shape != (s, s, 3) or image.dtype != np.uint8:
+                raise ValueError(
+                    f"the env prepared {name} images of shape {image.shape} ({image.dtype}), but the model takes "
+                    f"{s}x{s}x3 uint8: build the env with image_size={s} (LiberoEnvConfig.image_size) or None"
+                )
+        return images
 
     # -- model inputs -------------------------------------------------------------------------------------------
 
@@ -394,6 +426,8 @@ class LiberoTransforms:
     def inputs(self, images: Sequence[tuple[np.ndarray, np.ndarray]] | np.ndarray, raw_states: Any) -> dict:
         """Batch of (agentview, wrist) uint8 HWC pairs, already at ``image_size`` (:meth:`camera_images` rotates and
         resizes them once, as openpi's ``ResizeImages``), and raw states -> model inputs."""
+        import torch
+
         raw_states = np.asarray(raw_states)
         if raw_states.ndim != 2:
             raise ValueError(f"raw_states must be (B, D), got shape {raw_states.shape}")

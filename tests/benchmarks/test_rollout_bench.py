@@ -22,7 +22,7 @@ def test_cpu_smoke_on_real_libero(tmp_path, capsys):
     argv = ["--phase", "e2e", "--variant", "pi0_tiny", "--device", "cpu", "--workers", "1", "--max-steps", "5"]
     results = main([*argv, "--out", str(out)])
     (row,) = results["e2e"]
-    assert row["episodes"] == 1 and row["invalid"] == 0
+    assert row["episodes"] == 1 and row["invalid"] == 0 and row["env_images"] == "prepared"
     assert row["env_steps"] == 5 and row["policy_calls"] == 1  # 5 steps, replanning every 5: one chunk
     assert row["steps_per_s"] > 0 and 0 < row["policy_share"] < 1 and row["reset_s"] > 0
     assert "| workers | groups | episodes | env steps |" in capsys.readouterr().out
@@ -36,12 +36,19 @@ def test_cuda_requested_without_a_gpu_is_a_clear_error():
 
 
 @needs_libero
-def test_prepare_phase_times_the_policy_inputs(capsys):
-    results = main(["--phase", "prepare", "--variant", "pi0_tiny", "--device", "cpu", "--workers", "1", "4"])
+@pytest.mark.parametrize(("variant", "size"), [("pi0_tiny", 224), ("pi0_micro", 112)])
+def test_prepare_phase_times_the_policy_inputs(capsys, variant, size):
+    results = main(["--phase", "prepare", "--variant", variant, "--device", "cpu", "--workers", "1", "4"])
     rows = results["prepare"]
-    assert [r["batch"] for r in rows] == [1, 4]
-    assert all(r["prepare_ms"] > 0 and r["to_observation_ms"] > 0 for r in rows)
-    assert "| batch | prepare (ms) | to_observation (ms) |" in capsys.readouterr().out
+    assert [r["batch"] for r in rows] == [1, 4] and all(r["image_size"] == size for r in rows)
+    assert all(r["prepare_ms"] > 0 and r["prepare_ms_prepared"] > 0 and r["to_observation_ms"] > 0 for r in rows)
+    assert all(r["identical_inputs"] and r["env_prepare_ms"] > 0 for r in rows)
+    # one observation through a pipe: two uint8 images and a little proprio (and the flag)
+    assert all(256 * 256 * 6 < r["bytes_raw"] < 256 * 256 * 6 + 1000 for r in rows)
+    assert all(size * size * 6 < r["bytes_prepared"] < size * size * 6 + 1000 for r in rows)
+    out = capsys.readouterr().out
+    assert "| batch | images | prepare (ms) | to_observation (ms) | per observation (ms) | pickled bytes" in out
+    assert f"| 4 | prepared {size} |" in out and "env-prepared inputs identical to raw-render inputs: True" in out
 
 
 def test_reach_phase_compares_lockstep_and_pipelined_collection(tmp_path, capsys):

@@ -109,3 +109,61 @@ def test_render_on_use_has_identical_physics_and_pixels(rollouts):
             assert np.array_equal(a["agentview"], b["agentview"]) and np.array_equal(a["wrist"], b["wrist"])
         else:
             assert "agentview" not in b  # not rendered
+
+
+def test_prepared_images_are_the_policy_transform_of_the_render():
+    """`image_size`: both cameras come back as the policy's own transform makes them of the same render (upright,
+    resized with padding), flagged "images_prepared"; proprio is unchanged; a step without images carries no flag."""
+    from pi0_lightning.policy.transforms import PREPARED_IMAGES_KEY, prepare_camera_images
+
+    action = np.array([0.3, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0])
+    runs = []
+    for size in (None, 32):
+        env = LiberoEnv(LiberoEnvConfig(suite="libero_spatial", resolution=64, num_steps_wait=1, image_size=size))
+        first, _ = env.reset(seed=7, options={"task_id": 0, "init_state": 0})
+        stepped = env.step(action)[0]
+        env.set_render(False)
+        blind = env.step(action)[0]
+        env.close()
+        runs.append((env.observation_space["agentview"].shape, [first, stepped, blind]))
+    (raw_shape, raw), (shape, prepared) = runs
+    assert raw_shape == (64, 64, 3) and shape == (32, 32, 3)
+    for r, p in zip(raw[:2], prepared[:2], strict=True):
+        assert p[PREPARED_IMAGES_KEY] is True and PREPARED_IMAGES_KEY not in r
+        agent, wrist = prepare_camera_images(r["agentview"], r["wrist"], 32)
+        np.testing.assert_array_equal(p["agentview"], agent)
+        np.testing.assert_array_equal(p["wrist"], wrist)
+    for r, p in zip(raw, prepared, strict=True):
+        for key in ("eef_pos", "eef_quat", "gripper_qpos"):
+            np.testing.assert_array_equal(p[key], r[key])
+    assert set(prepared[2]) == {"eef_pos", "eef_quat", "gripper_qpos"}
+
+
+def test_the_data_module_starts_workers_that_prepare_images_at_the_policys_size():
+    """The env spec is built before the model; the data module starts its LIBERO workers with the policy's image
+    size (`EnvSpec.env_factory`), the reach env keeps its renders."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from pi0_lightning.envs.spec import EnvConfig, build_env_spec
+    from pi0_lightning.lit.datamodule import RolloutDataModule
+    from pi0_lightning.policy.transforms import PREPARED_IMAGES_KEY
+
+    cfg = EnvConfig(name="libero", tasks="0", num_workers=1, resolution=64, num_steps_wait=0)
+    spec = build_env_spec(cfg)
+    assert spec.env_factory(None) is spec.factory and spec.factory.args[0].image_size is None
+    assert spec.env_factory(112).args[0] == replace(spec.factory.args[0], image_size=112)
+    reach = build_env_spec(EnvConfig(name="reach"))
+    assert reach.env_factory(112) is reach.factory and not reach.prepares_images(112)
+
+    dm = RolloutDataModule(env=cfg, progress=False)
+    dm.setup("fit")
+    assert dm.pool is None  # started at first use, when the policy exists
+    policy = SimpleNamespace(transforms=SimpleNamespace(image_size=32))
+    try:
+        pool = dm.env_pool(policy)
+        assert dm.env_image_size == 32 and dm.env_pool(policy) is pool
+        ((obs, _),) = pool.reset([0], options=[{"task_id": 0, "init_state": 0}])
+        assert obs["agentview"].shape == obs["wrist"].shape == (32, 32, 3) and obs[PREPARED_IMAGES_KEY] is True
+    finally:
+        dm.teardown("fit")

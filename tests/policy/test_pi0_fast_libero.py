@@ -10,6 +10,7 @@ from pi0_lightning.model.pi0_fast import EOS_ID, PI0FAST, PI0FASTConfig
 from pi0_lightning.policy.assets import small_prompt_tokenizer, smooth_chunks, synthetic_fast_tokenizer
 from pi0_lightning.policy.loading import load_policy
 from pi0_lightning.policy.pi0_fast_libero import FAST_TOKENIZER_DIR, LiberoFASTPolicy
+from pi0_lightning.policy.transforms import PREPARED_IMAGES_KEY, prepare_camera_images
 
 pytest.importorskip("tokenizers")
 
@@ -57,6 +58,35 @@ def test_inputs_follow_openpi_fast(policy):
     state = policy.transforms.normalizer.normalize_state(inputs[0].raw_state[None])[0]
     bins = np.digitize(state, np.linspace(-1, 1, 257)[:-1]) - 1
     assert f"Task: {PROMPT}, State: {' '.join(map(str, bins))};\n" in text
+
+
+@pytest.mark.parametrize(("variant", "size"), [("pi0_fast_tiny", 224), ("pi0_fast_micro", 112)])
+def test_env_prepared_observations_give_identical_inputs(assets, variant, size):
+    """PI0-FAST prepares images as PI0 does: raw renders and the env's prepared images (`LiberoEnvConfig.image_size`)
+    give identical inputs; another size is a clear error."""
+    model = PI0FAST(PI0FASTConfig.variant(variant)).eval()
+    assert model.config.vision.image_size == size
+    policy = LiberoFASTPolicy.build(model, STATS, assets[0], assets[1])
+    rng = np.random.default_rng(size)
+    raw = [{**raw_obs(k), "agentview": rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)} for k in range(2)]
+    for o in raw:
+        o["wrist"] = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)
+
+    def env_prepared(o: dict, s: int) -> dict:
+        agent, wrist = prepare_camera_images(o["agentview"], o["wrist"], s)
+        return {**o, "agentview": agent, "wrist": wrist, PREPARED_IMAGES_KEY: True}
+
+    a = policy.prepare(raw, [PROMPT] * 2)
+    b = policy.prepare([env_prepared(o, size) for o in raw], [PROMPT] * 2)
+    for x, y in zip(a, b, strict=True):
+        assert x.agentview.shape == (size, size, 3)
+        for field in ("agentview", "wrist", "raw_state", "tokens", "token_mask"):
+            assert np.array_equal(getattr(x, field), getattr(y, field)), field
+    obs_a, obs_b = policy.to_observation(a), policy.to_observation(b)
+    assert all(torch.equal(obs_a.images[k], obs_b.images[k]) for k in obs_a.images)
+    other = 112 if size == 224 else 224
+    with pytest.raises(ValueError, match=f"model takes {size}x{size}x3 uint8"):
+        policy.prepare([env_prepared(raw[0], other)], [PROMPT])
 
 
 def test_action_ids_are_found_between_the_cue_and_the_end(policy):

@@ -11,7 +11,12 @@ from pi0_lightning.model.pi0 import PI0
 from pi0_lightning.policy.loading import load_policy
 from pi0_lightning.policy.pi0_libero import LiberoPolicy, row_noise
 from pi0_lightning.policy.tokenizer import PromptTokenizer, train_small_tokenizer
-from pi0_lightning.policy.transforms import LiberoTransforms, Normalizer
+from pi0_lightning.policy.transforms import (
+    PREPARED_IMAGES_KEY,
+    LiberoTransforms,
+    Normalizer,
+    prepare_camera_images,
+)
 
 STATS = {
     "norm_stats": {
@@ -57,6 +62,37 @@ def test_batched_prepare_on_threads_equals_one_by_one(policy):
         (one,) = policy.prepare([obs], [prompt])
         for field in ("agentview", "wrist", "raw_state", "tokens", "token_mask"):
             assert np.array_equal(getattr(x, field), getattr(one, field))
+
+
+def env_prepared(obs: dict, size: int) -> dict:
+    """`obs` as a LIBERO worker with `image_size=size` sends it: images prepared from the same render, flagged."""
+    agent, wrist = prepare_camera_images(obs["agentview"], obs["wrist"], size)
+    return {**obs, "agentview": agent, "wrist": wrist, PREPARED_IMAGES_KEY: True}
+
+
+@pytest.mark.parametrize(("variant", "size"), [("pi0_tiny", 224), ("pi0_micro", 112)])
+def test_env_prepared_observations_give_identical_inputs(tmp_path, variant, size):
+    """The same renders, raw or prepared by the env (`LiberoEnvConfig.image_size`), give bit-identical policy inputs
+    and model observations; a size other than the model's is a clear error."""
+    model = PI0(PI0Config.variant(variant, action_horizon=10)).eval()
+    assert model.config.vision.image_size == size
+    tok = train_small_tokenizer(PROMPTS, tmp_path / "t.model")
+    policy = LiberoPolicy.build(model, STATS, tok)
+    raw = [raw_obs(seed) for seed in range(5)]  # a batch large enough for the thread pool
+    prompts = [PROMPTS[i % 2] for i in range(5)]
+    a = policy.prepare(raw, prompts)
+    b = policy.prepare([env_prepared(o, size) for o in raw], prompts)
+    for x, y in zip(a, b, strict=True):
+        assert x.agentview.shape == (size, size, 3)
+        for field in ("agentview", "wrist", "raw_state", "tokens", "token_mask"):
+            assert np.array_equal(getattr(x, field), getattr(y, field)), field
+    obs_a, obs_b = policy.to_observation(a), policy.to_observation(b)
+    for key in obs_a.images:
+        assert torch.equal(obs_a.images[key], obs_b.images[key])
+    assert torch.equal(obs_a.state, obs_b.state)
+    other = 112 if size == 224 else 224
+    with pytest.raises(ValueError, match=f"model takes {size}x{size}x3 uint8: build the env with image_size={size}"):
+        policy.prepare([env_prepared(raw[0], other)], prompts[:1])
 
 
 def test_act_returns_model_and_env_actions(policy):

@@ -17,6 +17,7 @@ from pi0_lightning.policy.transforms import (
     NormStats,
     image_to_model,
     libero_state,
+    prepare_camera_images,
     quat2axisangle,
     resize_with_pad,
     rotate_180,
@@ -319,6 +320,37 @@ def test_camera_images_rotate_then_resize():
     assert a.shape == w.shape == (224, 224, 3) and a.dtype == w.dtype == np.uint8
     assert (a[:100] == 0).all() and (a[124:] == 255).all()
     assert (w == 30).all()
+
+
+@pytest.mark.parametrize("size", [224, 112])
+def test_env_prepared_images_are_used_as_they_are(size):
+    """The env's preparation (`prepare_camera_images`) of a raw render equals the policy's own, and the policy keeps
+    prepared images as they are (no second rotation) after checking their size."""
+    rng = np.random.default_rng(size)
+    agent, wrist = (rng.integers(0, 256, (256, 256, 3), dtype=np.uint8) for _ in range(2))
+    t = LiberoTransforms(_delta_transforms().normalizer, image_size=size)
+    from_raw = t.camera_images(agent, wrist)
+    env_side = prepare_camera_images(agent, wrist, size)
+    from_prepared = t.camera_images(*env_side, prepared=True)
+    for a, b, c in zip(from_raw, env_side, from_prepared, strict=True):
+        assert a.shape == (size, size, 3) and a.dtype == np.uint8
+        assert np.array_equal(a, b) and np.array_equal(a, c)
+    np.testing.assert_array_equal(env_side[0], resize_with_pad(agent[::-1, ::-1], size, size))
+    other = 112 if size == 224 else 224
+    with pytest.raises(ValueError, match=rf"prepared agentview images of shape \({other}, {other}, 3\).*{size}x{size}"):
+        t.camera_images(*prepare_camera_images(agent, wrist, other), prepared=True)
+    with pytest.raises(ValueError, match="wrist.*float32"):
+        t.camera_images(env_side[0], env_side[1].astype(np.float32), prepared=True)
+
+
+def test_env_modules_import_the_image_functions_without_torch():
+    """Env workers prepare images with this module's functions; torch (~400 MB per worker) stays out of them."""
+    import subprocess
+    import sys
+
+    code = "import sys, pi0_lightning.envs.libero; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_inputs_shapes_dtypes_and_masks():

@@ -4,8 +4,9 @@ into a LeRobot dataset in openpi's LIBERO layout.
     python -m pi0_lightning.envs.scripted --suite libero_object --tasks 0,1,2 --episodes 50 --out DIR
     python -m pi0_lightning.envs.scripted --suite libero_spatial --episodes 50 --evaluate   # success table only
 
-The expert solves the pick-and-place goals `(On A B)` and `(In A region)` (all of libero_object and
-libero_spatial, and libero_goal's bowl / plate / cheese placements). It parses the task's BDDL goal, then at every
+The expert solves the pick-and-place goals `(On A B)` and `(In A region)`: all of libero_object and
+libero_spatial, and six of libero_goal's tasks (bowl, wine bottle and cream cheese placements; not the drawer, whose
+compartment must be opened first, nor the plate, which is pushed). It parses the task's BDDL goal, then at every
 step reads the object's and the target's poses and the collision geometry of both from MuJoCo and runs a closed
 loop through the phases approach, descend, grasp, lift, carry, lower, release and retreat, in the env's own 7-d
 action space (OSC_POSE deltas: 5 cm and 0.5 rad per unit, gripper -1 open / +1 closed):
@@ -35,6 +36,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -205,14 +207,31 @@ class _Goal:
     target: str
 
 
+DRAWER_REGION = re.compile(r"cabinet_\d+_(top|middle|bottom)_region$")
+"""LIBERO's names of cabinet drawer compartments: placing there needs the drawer opened first."""
+
+
+def goal_problem(goal: list) -> str | None:
+    """Why the expert cannot do a BDDL goal, or None: one (On object target) or (In object region) predicate whose
+    object is not a plate (too flat to lift by its rim: LIBERO pushes plates) and whose target is not a drawer."""
+    if not (len(goal) == 1 and len(goal[0]) == 3 and goal[0][0].lower() in ("on", "in")):
+        return "the expert scripts only one (On object target) or (In object region) predicate"
+    _, obj, target = goal[0]
+    if "plate" in obj:
+        return "a plate is pushed, not picked"
+    if DRAWER_REGION.search(target):
+        return "the drawer must be opened first"
+    return None
+
+
 def parse_goal(task_env: Any) -> _Goal:
     """The task's single pick-and-place predicate, or UnsupportedTaskError."""
     goal = task_env.parsed_problem["goal_state"]
-    if len(goal) == 1 and len(goal[0]) == 3 and goal[0][0].lower() in ("on", "in"):
+    problem = goal_problem(goal)
+    if problem is None and goal[0][1] in task_env.objects_dict:
         relation, obj, target = goal[0]
-        if obj in task_env.objects_dict:
-            return _Goal(relation.lower(), obj, target)
-    raise UnsupportedTaskError(f"no script for goal {goal}: only (On object target) and (In object region)")
+        return _Goal(relation.lower(), obj, target)
+    raise UnsupportedTaskError(f"no script for goal {goal}: {problem or 'the object is not a movable object'}")
 
 
 class PickPlaceExpert:
@@ -449,11 +468,9 @@ def check_scriptable(suite: str, task_ids: list[int]) -> None:
 
     for task in resolve_tasks(suite, task_ids):
         goal = robosuite_parse_problem(task.bddl_file)["goal_state"]
-        if not (len(goal) == 1 and len(goal[0]) == 3 and goal[0][0].lower() in ("on", "in")):
-            raise UnsupportedTaskError(
-                f"{suite} task {task.task_id} ({task.name}) has goal {goal}: the expert scripts only "
-                "(On object target) and (In object region)"
-            )
+        problem = goal_problem(goal)
+        if problem is not None:
+            raise UnsupportedTaskError(f"{suite} task {task.task_id} ({task.name}) has goal {goal}: {problem}")
 
 
 def scriptable_tasks(suite: str) -> list[int]:

@@ -86,7 +86,9 @@ def test_unsupported_goals_are_named():
         check_scriptable("libero_goal", [0])
     assert scriptable_tasks("libero_spatial") == list(range(10))
     goal = scriptable_tasks("libero_goal")
-    assert 1 in goal and 0 not in goal and 7 not in goal  # the stove's knob and the drawer are not pick-and-place
+    assert goal == [1, 2, 4, 6, 8, 9]  # not: drawers (0, 3), the plate push (5), the stove's knob (7)
+    with pytest.raises(UnsupportedTaskError, match="drawer must be opened"):
+        check_scriptable("libero_goal", [3])
 
 
 def test_command_writes_a_dataset_of_successful_demonstrations(tmp_path, capsys):

@@ -4,12 +4,13 @@
 rank's env worker pool starts at its first use (the model never enters a worker), when the policy exists: LIBERO
 workers then return camera images upright and resized to the policy's input size (`EnvSpec.env_factory`), so the
 main process neither receives full-size renders nor rotates and resizes them; `env_image_size` records that size for
-the video writer. Every epoch Lightning reloads
-the train loader (`reload_dataloaders_every_n_epochs=1`, set by the CLI), which runs the iteration with the module's
-current policy (FSDP parameters gathered for it) and serves its samples. Validation shards the official evaluation
-episodes across ranks (padded with masked filler episodes); loading a batch runs its episodes once per evaluation
-setting, and `PI0RLModule.validation_step` counts them. LIBERO evaluation follows openpi's seeding
-(`envs.libero.openpi_streams`); training rollouts seed each episode's reset.
+the video writer.
+
+Every epoch Lightning reloads the train loader (`reload_dataloaders_every_n_epochs=1`, set by the CLI), which runs
+the iteration with the module's current policy (FSDP parameters gathered for it) and serves its samples. Validation
+shards the official evaluation episodes across ranks (padded with masked filler episodes); loading a batch runs its
+episodes once per evaluation setting, and `PI0RLModule.validation_step` counts them. LIBERO evaluation follows
+openpi's seeding (`envs.libero.openpi_streams`); training rollouts seed each episode's reset.
 """
 
 from __future__ import annotations

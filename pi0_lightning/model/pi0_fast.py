@@ -95,6 +95,14 @@ FAST_VARIANTS: dict[str, Any] = {
 }
 
 
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One draw per row of the categorical `probs` (B, V) from uniforms `u` (B,) in [0, 1): the first index whose
+    cumulative probability exceeds u times the row total (float64 sums; zero-probability ids are never drawn)."""
+    cdf = probs.double().cumsum(-1)
+    target = (u.to(cdf.device).double() * cdf[:, -1])[:, None]
+    return torch.searchsorted(cdf, target, right=True)[:, 0].clamp_max(probs.shape[-1] - 1)
+
+
 def sampling_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """log softmax(logits / T) in float32, the distribution tokens are sampled from (T = 1 when greedy). Sampling
     and `PI0FAST.action_logp` both use it, so the LOOP ratio compares like with like."""
@@ -275,8 +283,13 @@ class PI0FAST(nn.Module):
         return_logits: bool = False,
         return_logp: bool = False,
         decoder: Any = None,
+        uniforms: torch.Tensor | None = None,
     ) -> Any:
         """Decode action tokens after the prompt: (B, max_decoding_steps) long, zeros after the stop.
+
+        Sampling (`temperature` > 0) draws from `generator` for the whole batch, or, with `uniforms`
+        ((B, max_decoding_steps) in [0, 1)), row k's token at step t by inverse CDF from uniforms[k, t], so that a row's
+        tokens do not depend on the other rows.
 
         With `return_logits`, also the full-vocabulary logits each token was chosen from (one (B, V) per step); with
         `return_logp`, also each token's log-probability under the sampling distribution softmax(logits / T)
@@ -297,7 +310,9 @@ class PI0FAST(nn.Module):
             if return_logits:
                 step_logits.append(last.clone())
             logprobs = sampling_logprobs(last, temperature)
-            if temperature > 0:
+            if temperature > 0 and uniforms is not None:
+                token = inverse_cdf(logprobs.exp(), uniforms[:, step])
+            elif temperature > 0:
                 token = torch.multinomial(logprobs.exp(), 1, generator=generator)[:, 0]
             else:
                 token = last.argmax(-1)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from pi0_lightning.model.observation import Observation
-from pi0_lightning.model.pi0_fast import EOS_ID, PI0FAST, sampling_logprobs
+from pi0_lightning.model.pi0_fast import EOS_ID, PI0FAST
 from pi0_lightning.model.speed import SpeedConfig, apply_speed_paths
 from pi0_lightning.policy.fast_tokenizer import FASTActionTokenizer
 from pi0_lightning.policy.pi0_libero import LiberoInputs, PolicyInput
@@ -48,14 +48,6 @@ class TokenRecord:
     logp: np.ndarray  # (n,) float32
     decoded: bool
     """Whether the ids held a well-formed action chunk (otherwise the env got zeros)."""
-
-
-def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """One draw per row of the categorical `probs` (B, V) from uniforms `u` (B,) in [0, 1): the first index whose
-    cumulative probability exceeds u times the row total (float64 sums; zero-probability ids are never drawn)."""
-    cdf = probs.double().cumsum(-1)
-    target = (u.double() * cdf[:, -1])[:, None]
-    return torch.searchsorted(cdf, target, right=True)[:, 0].clamp_max(probs.shape[-1] - 1)
 
 
 class LiberoFASTPolicy(LiberoInputs):
@@ -149,35 +141,16 @@ class LiberoFASTPolicy(LiberoInputs):
     # ------------------------------------------------------------------ decoding
 
     def sample_rows(self, obs: Observation, seeds: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """`PI0FAST.sample_tokens(obs, max_decoding_steps, temperature, return_logp=True, decoder=...)` with
-        per-row randomness: decoding step t of row k draws its token from softmax(logits / T) by inverse CDF with
-        the uniform number u[k, t], where u[k] comes from a CPU generator seeded with `seeds[k]`. Same prefill,
-        decoding steps (eager or the CUDA-graph decoder), stop rule and recorded log-probs as `sample_tokens`; only
-        the draw differs (its one generator serves the whole batch)."""
-        model, n, temperature = self.model, self.max_decoding_steps, self.temperature
-        pre = model._prefill(obs, n)
-        if self.decoder is None:
-            buf, step_fn = model.decode_buffers(pre, n), model.decode_step
-        else:
-            buf, step_fn = self.decoder.prepare(pre, n), self.decoder.step
-        last = pre["last"]
-        b, device = last.shape[0], last.device
+        """`PI0FAST.sample_tokens` (with the log-probs and the policy's decoder) with per-row randomness: decoding
+        step t of row k draws its token by inverse CDF from the uniform u[k, t], u[k] from a CPU generator seeded with
+        `seeds[k]`."""
+        n = self.max_decoding_steps
         uniforms = torch.stack(
             [torch.rand(n, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64) for s in seeds]
-        ).to(device)
-        output = torch.zeros(b, n, dtype=torch.long, device=device)
-        logp = torch.zeros(b, n, dtype=torch.float32, device=device)
-        for step in range(n):
-            logprobs = sampling_logprobs(last, temperature)
-            token = inverse_cdf(logprobs.exp(), uniforms[:, step])
-            output[:, step] = token
-            logp[:, step] = logprobs.gather(-1, token[:, None])[:, 0]
-            if bool((token == EOS_ID).all()):
-                break
-            buf["token"].copy_(token)
-            buf["step"].fill_(step)
-            last = step_fn(buf)
-        return output, logp
+        )
+        return self.model.sample_tokens(
+            obs, n, self.temperature, return_logp=True, decoder=self.decoder, uniforms=uniforms
+        )
 
     # ------------------------------------------------------------------ outputs
 

@@ -214,7 +214,8 @@ class LiberoEnvConfig:
     seed: int = SEED
     """Seed of the simulator's global numpy RNG (openpi: 7)."""
     hard_reset: bool = True
-    """Rebuild the MuJoCo model at every reset (LIBERO's default; ~2 s). False is ~70x faster to reset."""
+    """Rebuild the MuJoCo model at every reset (LIBERO's default; ~2 s). False is ~15x faster to reset. A reset's
+    `options["hard_reset"]` overrides it for that episode."""
     clear_soft_reset_leftovers: bool = True
     """On a soft reset, clear what robosuite 1.4.0 carries over from the previous episode (gripper command, LIBERO's
     model writes, warm start) so that the episode equals a hard reset's (module docstring); False = robosuite's soft
@@ -242,10 +243,11 @@ class LiberoEnv(gym.Env if gym is not None else object):
     """One LIBERO task at a time; the simulator is built lazily (inside the worker process) at the first reset.
 
     reset(options={"task_id": i, "init_state": k}) runs the wait steps and returns the first observation;
-    options["rng_state"] (from `reset_streams`) restores numpy's global stream before the reset instead of `seed`.
-    Observations are compact: {"agentview", "wrist"} uint8 (H, W, 3) only when rendering was requested (as rendered,
-    or with `image_size` upright at that size and with "images_prepared": True), and always
-    {"eef_pos" (3,), "eef_quat" (4,) xyzw, "gripper_qpos" (2,)} float64. terminated = task success;
+    options["rng_state"] (from `reset_streams`) restores numpy's global stream before the reset instead of `seed`;
+    options["hard_reset"] chooses this reset's kind (default: the config's `hard_reset`). Observations are compact:
+    {"agentview", "wrist"} uint8 (H, W, 3) only when rendering was requested (as rendered, or with `image_size`
+    upright at that size and with "images_prepared": True), and always {"eef_pos" (3,), "eef_quat" (4,) xyzw,
+    "gripper_qpos" (2,)} float64. terminated = task success;
     truncated = `episode_steps` policy steps reached.
     """
 
@@ -299,9 +301,7 @@ class LiberoEnv(gym.Env if gym is not None else object):
             bddl_file_name=task.bddl_file, camera_heights=r, camera_widths=r, hard_reset=self.config.hard_reset
         )
         self._env.seed(self.config.seed)
-        self._compiled_fields = None
-        if not self.config.hard_reset and self.config.clear_soft_reset_leftovers:
-            self._compiled_fields = _compiled_model_fields(self._env.env)
+        self._compiled_fields = None  # compiled at the first soft reset that clears leftovers
         self._task_id = task_id
         self.init_states = init_states(self.config.suite, task_id, self.config.context_source)
 
@@ -390,7 +390,12 @@ class LiberoEnv(gym.Env if gym is not None else object):
             np.random.set_state(options["rng_state"])
         elif seed is not None:
             self._env.seed(seed)
-        if self._compiled_fields is not None:  # soft reset, cleared
+        inner = self._env.env
+        hard = bool(options.get("hard_reset", self.config.hard_reset))
+        inner.hard_reset = hard  # robosuite reads it at every reset
+        if not hard and self.config.clear_soft_reset_leftovers:
+            if self._compiled_fields is None:
+                self._compiled_fields = _compiled_model_fields(inner)
             self._soft_reset_as_hard()
         else:
             self._env.reset()

@@ -49,7 +49,10 @@ class EnvConfig:
     wrist_collision: bool = True
     """LIBERO: the Panda with robosuite 1.4.1's wrist collision geom (openpi's stack); False = robosuite 1.4.0's."""
     hard_reset: bool = True
-    """LIBERO: rebuild the MuJoCo model at each reset (LIBERO's default)."""
+    """LIBERO: rebuild the MuJoCo model at each validation episode's reset (LIBERO's default, openpi's evaluation)."""
+    train_hard_reset: bool = False
+    """LIBERO: rebuild it for training rollouts too. False: soft resets (~0.15 s instead of ~2.3 s), cleared of what
+    the previous episode leaves behind (`envs.libero`; `python -m pi0_lightning.envs.reset_check` compares them)."""
     resolution: int = 256
     """LIBERO: camera render size (openpi: 256, resized to the model's input size, by the env workers when the data
     module knows the policy: `EnvSpec.env_factory`). Smaller renders are faster on CPU, but their pixels are not

@@ -159,6 +159,8 @@ def _reset_options(request: EpisodeRequest) -> dict:
     options = {"task_id": request.task_id, "init_state": request.init_state}
     if request.rng_state is not None:
         options["rng_state"] = request.rng_state
+    if request.hard_reset is not None:
+        options["hard_reset"] = request.hard_reset
     return options
 
 

@@ -24,6 +24,9 @@ class EpisodeRequest:
     rng_state: Any = None
     """The simulator's random-stream state to restore before the reset (LIBERO: openpi's per-task stream, see
     `envs.libero.LiberoEnv.reset_streams`), so episode k gets the layout of a sequential run's episode k."""
+    hard_reset: bool | None = None
+    """LIBERO: rebuild the simulator at this episode's reset (True) or reset it softly (False); None = the env's
+    setting."""
     group: int = -1
     """RL group id (the K rollouts of one context share it); -1 outside RL."""
     record_video: bool = False

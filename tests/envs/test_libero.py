@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -167,3 +169,53 @@ def test_the_data_module_starts_workers_that_prepare_images_at_the_policys_size(
         assert obs["agentview"].shape == obs["wrist"].shape == (32, 32, 3) and obs[PREPARED_IMAGES_KEY] is True
     finally:
         dm.teardown("fit")
+
+
+def test_each_reset_can_choose_its_kind():
+    """An env configured for hard resets resets softly when a request asks (and the other way round): the soft reset
+    reuses the simulator and, cleared of the previous episode's leftovers, starts where the hard reset starts."""
+    env = LiberoEnv(LiberoEnvConfig(suite="libero_spatial", resolution=64, num_steps_wait=2))
+    try:
+        env.set_render(False)
+        env.reset(seed=3, options={"task_id": 0, "init_state": 1})
+        sim = env.sim
+        for _ in range(3):  # leave something behind: a moved arm and a closing gripper
+            env.set_render(False)
+            env.step(np.array([0.5, 0.2, 0.0, 0.0, 0.0, 0.0, 1.0]))
+        env.set_render(False)
+        soft, _ = env.reset(seed=3, options={"task_id": 0, "init_state": 0, "hard_reset": False})
+        assert env.sim is sim  # nothing rebuilt
+        soft_qpos = env.sim.data.qpos.copy()
+        env.set_render(False)
+        hard, _ = env.reset(seed=3, options={"task_id": 0, "init_state": 0})
+        assert env.sim is not sim  # rebuilt
+        np.testing.assert_array_equal(env.sim.data.qpos, soft_qpos)
+        for key in ("eef_pos", "eef_quat", "gripper_qpos"):
+            np.testing.assert_array_equal(soft[key], hard[key])
+    finally:
+        env.close()
+
+
+def test_training_rollouts_reset_softly_and_validation_as_configured(monkeypatch):
+    from pi0_lightning.envs.spec import EnvConfig
+    from pi0_lightning.lit import datamodule as dm_module
+    from pi0_lightning.rollout.types import EpisodeRequest
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, pool, policy, config):
+            pass
+
+        def collect(self, requests, desc):
+            seen.append([r.hard_reset for r in requests])
+            return [], None
+
+    monkeypatch.setattr(dm_module, "RolloutCollector", Recorder)
+    dm = dm_module.RolloutDataModule(env=EnvConfig(name="libero", tasks="0"), progress=False)
+    dm.spec = SimpleNamespace(max_steps=10)
+    monkeypatch.setattr(dm, "env_pool", lambda policy: None)
+    requests = [EpisodeRequest(0, k, "task") for k in range(2)]
+    dm._collect(None, requests, 0, "train")
+    dm._collect(None, requests, 0, "eval", evaluation=True)
+    assert seen == [[False, False], [True, True]] and requests[0].hard_reset is None

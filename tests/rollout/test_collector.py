@@ -284,7 +284,9 @@ def test_pipelined_collection_gives_the_lockstep_episodes(seeded_pool, lockstep,
     results, stats, policy = run(seeded_pool, varied_requests(16), pipeline_groups=groups)
     assert episodes(results) == episodes(lockstep[0])
     assert stats.episodes == 16 and stats.env_steps == lockstep[1].env_steps and seeded_pool.restarts == 0
-    assert max(map(len, policy.calls)) == math.ceil(4 / groups)  # one group per policy call
+    # one group per policy call: never more rows than the largest group has workers (whether a group's episodes
+    # share a call depends on how their resets and chunks interleave in time)
+    assert max(map(len, policy.calls)) <= math.ceil(4 / groups)
     if groups == 2:  # no wave barrier: a fresh episode joins a group whose other episode is running
         assert any(map(mixes_fresh_and_running, policy.calls))
 

@@ -358,6 +358,17 @@ class PickPlaceExpert:
                 self._obj_z0 = self._object().bottom
                 self._go("lift")
             return self._move(grasp, 1.0, speed=0.3)
+        if self.phase == "regrasp":
+            if self.phase_steps >= cfg.release_steps:
+                self._go("approach")
+            return self._move(self.eef + [0, 0, 0.02], -1.0)
+        if self.phase == "release":
+            if self.phase_steps >= cfg.release_steps:
+                self._go("retreat")
+            return self._move(self.eef, -1.0, speed=0.1)
+        if self.phase == "retreat":
+            return self._move(self.eef + [0, 0, 0.05], -1.0, speed=0.5)
+        # lift, carry and lower steer by the target (it may have moved)
         target_xy, target_top = self._target()
         if self.phase == "lift":
             if self.phase_steps == 1:
@@ -377,10 +388,6 @@ class PickPlaceExpert:
                 self.hold_offset = obj.center - self.eef[:2]
                 self._go("carry")
             return self._move(lift, 1.0)
-        if self.phase == "regrasp":
-            if self.phase_steps >= cfg.release_steps:
-                self._go("approach")
-            return self._move(self.eef + [0, 0, 0.02], -1.0)
         place_xy = target_xy - self.hold_offset
         if self.phase == "carry":
             goal = np.array([*place_xy, self.carry_z])
@@ -394,11 +401,6 @@ class PickPlaceExpert:
             if self._reached(goal, 0.01) or self.phase_steps > 60:
                 self._go("release")
             return self._move(goal, 1.0, speed=0.5)
-        if self.phase == "release":
-            if self.phase_steps >= cfg.release_steps:
-                self._go("retreat")
-            return self._move(self.eef, -1.0, speed=0.1)
-        return self._move(self.eef + [0, 0, 0.05], -1.0, speed=0.5)  # retreat
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -462,12 +464,16 @@ class ExpertLiberoEnv(LiberoEnv):
         return episode
 
 
-def check_scriptable(suite: str, task_ids: list[int]) -> None:
-    """UnsupportedTaskError for the first task whose BDDL goal the expert cannot do (read without building an env)."""
+def _bddl_goal(task: Any) -> list:
     from libero.libero.envs.bddl_utils import robosuite_parse_problem
 
+    return robosuite_parse_problem(task.bddl_file)["goal_state"]
+
+
+def check_scriptable(suite: str, task_ids: list[int]) -> None:
+    """UnsupportedTaskError for the first task whose BDDL goal the expert cannot do (read without building an env)."""
     for task in resolve_tasks(suite, task_ids):
-        goal = robosuite_parse_problem(task.bddl_file)["goal_state"]
+        goal = _bddl_goal(task)
         problem = goal_problem(goal)
         if problem is not None:
             raise UnsupportedTaskError(f"{suite} task {task.task_id} ({task.name}) has goal {goal}: {problem}")
@@ -475,14 +481,7 @@ def check_scriptable(suite: str, task_ids: list[int]) -> None:
 
 def scriptable_tasks(suite: str) -> list[int]:
     """Ids of the suite's tasks whose goal the expert has a script for."""
-    ids = []
-    for task in resolve_tasks(suite):
-        try:
-            check_scriptable(suite, [task.task_id])
-        except UnsupportedTaskError:
-            continue
-        ids.append(task.task_id)
-    return ids
+    return [task.task_id for task in resolve_tasks(suite) if goal_problem(_bddl_goal(task)) is None]
 
 
 @dataclass

@@ -15,7 +15,6 @@ openpi's seeding (`envs.libero.openpi_streams`); training rollouts seed each epi
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from dataclasses import asdict, replace
@@ -197,7 +196,7 @@ class RolloutDataModule(L.LightningDataModule):
         )
         if self.env_config.name == "libero":  # validation resets as configured, training rollouts by train_hard_reset
             hard = self.env_config.hard_reset if evaluation else self.env_config.train_hard_reset
-            requests = [dataclasses.replace(r, hard_reset=hard) for r in requests]
+            requests = [replace(r, hard_reset=hard) for r in requests]
         return RolloutCollector(self.env_pool(policy), policy, cfg).collect(requests, desc=desc)
 
     def _device(self) -> torch.device:

@@ -4,7 +4,9 @@ Reads RUN_DIR/rollout_stats.jsonl (per-iteration rollout success) and RUN_DIR/va
 episode and success counts per evaluation setting), both written by `callbacks.RolloutStatsWriter`. Reports the
 first vs the last iterations' rollout success, and the validations, with one-sided two-proportion z-tests:
 `--before DIR` compares the final validation with the last one in DIR (e.g. the starting policy's `validate
---initial_weights true` run), per evaluation setting against the before run's first setting.
+--initial_weights true` run), per evaluation setting against the before run's first setting. Where
+RUN_DIR/timing.jsonl exists, a table splits each iteration's wall clock into rollout, training, validation and the
+time between two iterations that is neither (checkpointing, loader setup), with the peak GPU memory.
 """
 
 from __future__ import annotations
@@ -29,6 +31,28 @@ def load(run: Path) -> tuple[list[dict], list[dict]]:
         return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
 
     return lines(run / "rollout_stats.jsonl"), lines(run / "validation.jsonl")
+
+
+def timing_table(rows: list[dict]) -> list[str]:
+    """Markdown rows of the per-iteration time split; "between" is the gap before an iteration's epoch less its
+    rollout, so the first iteration has none."""
+
+    def cell(x: float | None, fmt: str = ".1f") -> str:
+        return "-" if x is None else format(x, fmt)
+
+    out = [
+        "| iteration | rollout (s) | training (s) | validation (s) | between (s) | peak GPU (GiB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    previous_end = None
+    for r in rows:
+        between = None
+        if previous_end is not None and r.get("rollout_seconds") is not None:
+            between = r["started"] - previous_end - r["rollout_seconds"]
+        cells = [cell(r.get("rollout_seconds")), cell(r["train_seconds"]), cell(r["validation_seconds"]), cell(between)]
+        out.append(f"| {r['iteration']} | " + " | ".join(cells) + f" | {cell(r.get('gpu_peak_gib'), '.2f')} |")
+        previous_end = r["ended"]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,6 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         for v in validations:
             cells = [f"{st['success_rate']:.3f} ({st['successes']}/{st['episodes']})" for st in v["settings"]]
             print(f"| {v['iterations_trained']} | " + " | ".join(cells) + " |")
+    timing = (
+        [json.loads(x) for x in (args.run / "timing.jsonl").read_text().splitlines() if x.strip()]
+        if (args.run / "timing.jsonl").is_file()
+        else []
+    )
+    if timing:
+        print("\n" + "\n".join(timing_table(timing)))
     if args.before is not None:
         _, before = load(args.before)
         if not before or not validations:

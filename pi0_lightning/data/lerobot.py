@@ -49,7 +49,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -91,18 +90,29 @@ _EpisodeRow = tuple[int, int, str | None, _Location]
 """(episode_index, length, first task or None when the metadata lists none, location) from the episode metadata."""
 
 
+def pyav():
+    """PyAV, imported when a dataset's videos are first read or written: datasets stored as images need no video
+    decoder, so a machine without PyAV can still train on them."""
+    try:
+        import av
+    except ImportError as e:
+        raise DatasetError("reading or writing LeRobot videos needs PyAV (pip install av)") from e
+    return av
+
+
 class _VideoFile:
     """One open video container with a decoder that remembers its position, so that consecutive frames of an
     episode decode forward instead of seeking to a keyframe each time."""
 
     def __init__(self, path: Path):
         self.path = path
+        av = self._av = pyav()
         try:
             self._container = av.open(str(path))
             self._stream = self._container.streams.video[0]
         except (av.FFmpegError, IndexError) as e:
             raise DatasetError(f"{path}: cannot open as a video ({_one_line(e)})") from e
-        self._frames: Iterator[av.VideoFrame] | None = None
+        self._frames: Iterator[Any] | None = None
         self._last: tuple[float, np.ndarray] | None = None
 
     def close(self) -> None:
@@ -129,7 +139,7 @@ class _VideoFile:
                 image = frame.to_ndarray(format="rgb24")
                 self._last = (time, image)
                 return image.copy()
-        except av.FFmpegError as e:
+        except self._av.FFmpegError as e:
             self._frames, self._last = None, None
             raise DatasetError(f"{self.path}: cannot decode the frame at {t:.4f} s ({_one_line(e)})") from e
         self._frames, self._last = None, None
@@ -143,7 +153,7 @@ class _VideoFile:
         offset = max(0, int(t / self._stream.time_base))
         try:
             self._container.seek(offset, backward=True, any_frame=False, stream=self._stream)
-        except av.FFmpegError as e:
+        except self._av.FFmpegError as e:
             raise DatasetError(f"{self.path}: cannot seek to {t:.4f} s ({_one_line(e)})") from e
         self._frames = self._container.decode(self._stream)
         self._last = None

@@ -44,7 +44,6 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
-import av
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -63,6 +62,7 @@ from pi0_lightning.data.lerobot import (
     V3_EPISODES_PATH,
     V3_TASKS_PATH,
     V3_VIDEO_PATH,
+    pyav,
 )
 from pi0_lightning.data.source import DatasetError, KeyMap
 
@@ -214,6 +214,7 @@ def _check_episodes(root: Path, demos: _Demos) -> tuple[dict[str, tuple[int, ...
 
 
 def _check_video(root: Path, codec: str, shapes: dict[str, tuple[int, ...]]) -> None:
+    av = pyav()
     try:
         av.codec.Codec(codec, "w")
     except av.codec.codec.UnknownCodecError as e:
@@ -378,7 +379,7 @@ class _Writer:
                 feature["info"] = {
                     "video.height": height,
                     "video.width": width,
-                    "video.codec": av.codec.Codec(self.codec, "w").canonical_name,
+                    "video.codec": pyav().codec.Codec(self.codec, "w").canonical_name,
                     "video.pix_fmt": "yuv420p",
                     "video.is_depth_map": False,
                     "video.fps": self.fps,
@@ -458,6 +459,7 @@ class _Writer:
         options = {"g": str(self.gop), "crf": str(self.crf)}
         if self.codec == "libsvtav1":
             options["preset"] = "12"  # LeRobot's default: the fastest preset
+        av = pyav()
         with av.open(str(path), "w") as container:
             stream = container.add_stream(self.codec, rate=self.fps, options=options)
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"

@@ -23,12 +23,14 @@ def test_validation_results_are_appended_once_and_skipped_in_sanity_checks(tmp_p
     trainer = SimpleNamespace(default_root_dir=str(tmp_path), is_global_zero=True, sanity_checking=False)
     writer.setup(trainer, None, "validate")
     module = SimpleNamespace(validation_results=_validation(3, [20, 25]))
+    writer.on_validation_start(trainer, module)
     writer.on_validation_end(trainer, module)
     writer.on_validation_end(trainer, module)  # nothing new since: nothing written
     module.validation_results = _validation(4, [1, 1])
     writer.on_validation_end(SimpleNamespace(**{**vars(trainer), "sanity_checking": True}), module)
-    lines = (tmp_path / "validation.jsonl").read_text().splitlines()
-    assert [json.loads(x) for x in lines] == [_validation(3, [20, 25])]
+    lines = [json.loads(x) for x in (tmp_path / "validation.jsonl").read_text().splitlines()]
+    assert len(lines) == 1 and lines[0]["seconds"] >= 0
+    assert {k: v for k, v in lines[0].items() if k != "seconds"} == _validation(3, [20, 25])
     assert (
         "[validation after 3 iterations] val/success_rate 20/50, val/success_rate_w2 25/50" in capsys.readouterr().out
     )
@@ -68,3 +70,35 @@ def test_learning_curve_without_a_baseline_validation_is_one_line_exit_2(tmp_pat
     (run / "validation.jsonl").write_text(json.dumps(_validation(1, [5, 5])) + "\n")
     assert learning_curve([str(run), "--before", str(tmp_path / "missing")]) == 2
     assert "no validation.jsonl entries" in capsys.readouterr().err
+
+
+def test_timing_splits_an_iteration_and_the_learning_curve_tables_it(tmp_path, capsys, monkeypatch):
+    clock = iter([100.0, 104.0, 110.0, 112.0])  # epoch 0 starts, ends; epoch 1 starts, ends (wall clock)
+    counter = iter([50.0, 51.5])  # validation inside epoch 1 starts, ends (perf counter)
+    monkeypatch.setattr("pi0_lightning.callbacks.rollout_stats.time.time", lambda: next(clock))
+    monkeypatch.setattr("pi0_lightning.callbacks.rollout_stats.time.perf_counter", lambda: next(counter))
+    writer = RolloutStatsWriter()
+    metrics = {"rollout/seconds": 3.0, "rollout/success_rate": 0.5, "rollout/useful_group_frac": 1.0}
+    metrics |= {"rollout/train_chunks": 10, "rollout/env_steps_per_s": 100.0, "rollout/policy_ms_per_call": 5.0}
+    datamodule = SimpleNamespace(iteration=SimpleNamespace(metrics=metrics))
+    trainer = SimpleNamespace(default_root_dir=str(tmp_path), is_global_zero=True, sanity_checking=False)
+    trainer.current_epoch, trainer.datamodule = 0, datamodule
+    writer.setup(trainer, None, "fit")
+    module = SimpleNamespace(validation_results=None)
+    writer.on_train_epoch_start(trainer, module)
+    writer.on_train_epoch_end(trainer, module)
+    trainer.current_epoch = 1
+    writer.on_train_epoch_start(trainer, module)
+    writer.on_validation_start(trainer, module)
+    module.validation_results = _validation(2, [5, 6])
+    writer.on_validation_end(trainer, module)
+    writer.on_train_epoch_end(trainer, module)
+    rows = [json.loads(x) for x in (tmp_path / "timing.jsonl").read_text().splitlines()]
+    assert [(r["iteration"], r["train_seconds"], r["validation_seconds"]) for r in rows] == [
+        (0, 4.0, 0.0),
+        (1, 0.5, 1.5),
+    ]
+    assert learning_curve([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    # iteration 1 started 6 s after iteration 0 ended, 3 s of which were its rollout
+    assert "| 0 | 3.0 | 4.0 | 0.0 | - | - |" in out and "| 1 | 3.0 | 0.5 | 1.5 | 3.0 | - |" in out

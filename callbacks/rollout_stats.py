@@ -2,7 +2,8 @@
 `<dirpath>/rollout_stats.jsonl` and printed as one line (rank 0); and every rollout validation with its episode
 counts (the module's `validation_results`) and its wall-clock seconds, appended to `<dirpath>/validation.jsonl`, in
 `fit` and in `validate`; and where each iteration's time went, appended to `<dirpath>/timing.jsonl` at the end of
-its training epoch: the rollout, the training steps, the validations run inside the epoch, the peak GPU memory,
+its training epoch: the rollout (with the main process's wait for env workers, its policy time, and the workers'
+summed reset time), the training steps, the validations run inside the epoch, the peak GPU memory,
 and the epoch's start and end (wall clock) so that the time between two iterations (checkpointing, loader setup)
 can be told apart from the next rollout. The same rates are logged as metrics by the module; these files carry the
 counts a significance test needs (`python -m pi0_lightning.learning_curve`) and need no MLflow to read."""
@@ -82,7 +83,15 @@ class RolloutStatsWriter(L.Callback):
             "iteration": trainer.current_epoch,
             "started": round(self._epoch_start, 3),
             "ended": round(end, 3),
-            "rollout_seconds": round(iteration.metrics["rollout/seconds"], 3) if iteration is not None else None,
+            **{
+                name: round(iteration.metrics[key], 3) if iteration is not None and key in iteration.metrics else None
+                for name, key in (
+                    ("rollout_seconds", "rollout/seconds"),
+                    ("env_wait_seconds", "rollout/env_seconds"),
+                    ("policy_seconds", "rollout/policy_seconds"),
+                    ("reset_worker_seconds", "rollout/reset_worker_seconds"),
+                )
+            },
             "train_seconds": round(end - self._epoch_start - self._validation_seconds, 3),
             "validation_seconds": round(self._validation_seconds, 3),
             "gpu_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None,

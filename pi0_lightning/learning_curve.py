@@ -41,15 +41,19 @@ def timing_table(rows: list[dict]) -> list[str]:
         return "-" if x is None else format(x, fmt)
 
     out = [
-        "| iteration | rollout (s) | training (s) | validation (s) | between (s) | peak GPU (GiB) |",
-        "|---|---|---|---|---|---|",
+        "| iteration | rollout (s) | env wait (s) | policy (s) | resets (worker-s) | training (s) | validation (s) "
+        "| between (s) | peak GPU (GiB) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     previous_end = None
     for r in rows:
         between = None
         if previous_end is not None and r.get("rollout_seconds") is not None:
             between = r["started"] - previous_end - r["rollout_seconds"]
-        cells = [cell(r.get("rollout_seconds")), cell(r["train_seconds"]), cell(r["validation_seconds"]), cell(between)]
+        cells = [
+            cell(r.get(k)) for k in ("rollout_seconds", "env_wait_seconds", "policy_seconds", "reset_worker_seconds")
+        ]
+        cells += [cell(r["train_seconds"]), cell(r["validation_seconds"]), cell(between)]
         out.append(f"| {r['iteration']} | " + " | ".join(cells) + f" | {cell(r.get('gpu_peak_gib'), '.2f')} |")
         previous_end = r["ended"]
     return out

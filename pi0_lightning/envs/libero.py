@@ -64,6 +64,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import time
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, Literal
@@ -378,6 +379,9 @@ class LiberoEnv(gym.Env if gym is not None else object):
         self._render_next = bool(render)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
+        """Build the task's env if it changed, reset it (hard or soft), set the init state and run the wait steps.
+        `info["reset_seconds"]` is the time all of that took here, in the worker."""
+        start = time.perf_counter()
         super().reset(seed=seed)
         options = options or {}
         task_id = int(options.get("task_id", self._task_id if self._task_id is not None else 0))
@@ -411,7 +415,7 @@ class LiberoEnv(gym.Env if gym is not None else object):
             self._cameras(False)
         self._steps = 0
         self._render_next = True
-        return obs, {"task_id": task_id, "init_state": k}
+        return obs, {"task_id": task_id, "init_state": k, "reset_seconds": time.perf_counter() - start}
 
     def reset_streams(self, task_id: int, episodes: int, seed: int = SEED) -> list[tuple]:
         """openpi's per-task stream: numpy's global RNG state before each of `episodes` resets of an env of this task

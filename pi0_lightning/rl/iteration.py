@@ -83,6 +83,7 @@ def run_iteration(
         totals.env_seconds += stats.env_seconds
         totals.policy_seconds += stats.policy_seconds
         totals.policy_calls += stats.policy_calls
+        totals.reset_seconds += stats.reset_seconds
 
         groups, n_dropped = group_episodes(results, s.group_size)
         dropped += n_dropped
@@ -125,6 +126,8 @@ def _metrics(episodes, groups, kept, samples, totals: RolloutStats, rounds: int,
         "rollout/env_steps_per_s": totals.env_steps_per_s,
         "rollout/env_seconds": totals.env_seconds,
         "rollout/policy_ms_per_call": 1000 * totals.policy_seconds / max(totals.policy_calls, 1),
+        "rollout/policy_seconds": totals.policy_seconds,
+        "rollout/reset_worker_seconds": totals.reset_seconds,
         "rollout/seconds": totals.wall_seconds,
     }
     decoded = [c.record.decoded for e in valid for c in e.chunks if hasattr(c.record, "decoded")]

@@ -375,6 +375,7 @@ class _Collection:
                 continue
             if item.chunk is None:
                 slot.started, slot.obs = True, out[0]
+                stats.reset_seconds += float(out[1].get("reset_seconds", 0.0))
                 if slot.request.record_video:
                     slot.result.frames.append(out[0]["agentview"])
                 continue

@@ -77,6 +77,9 @@ class RolloutStats:
     policy_seconds: float = 0.0
     """Main-process time in `prepare` + `act`."""
     policy_calls: int = 0
+    reset_seconds: float = 0.0
+    """Env-side time of the resets (build, reset, init state, wait steps) summed over workers, where the env
+    reports it (`info["reset_seconds"]`); divided by workers x wall, the share of worker time spent resetting."""
     wall_seconds: float = 0.0
     failed_attempts: int = 0
 
@@ -97,6 +100,7 @@ class RolloutStats:
             "env_seconds": self.env_seconds,
             "policy_seconds": self.policy_seconds,
             "policy_ms_per_call": 1000 * self.policy_seconds / max(self.policy_calls, 1),
+            "reset_seconds": self.reset_seconds,
             "wall_seconds": self.wall_seconds,
             "failed_attempts": self.failed_attempts,
         }

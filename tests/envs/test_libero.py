@@ -60,8 +60,9 @@ def test_openpi_stream_gives_each_episode_the_layout_of_a_sequential_run():
         env.reset(options={"task_id": 0, "init_state": k, "rng_state": streams[k]})
         np.testing.assert_array_equal(env.sim.model.body_pos, expected[k])
     env.set_render(False)
-    env.reset(seed=7, options={"task_id": 0, "init_state": 1})  # per-episode seeding: always episode 0's layout
+    _, info = env.reset(seed=7, options={"task_id": 0, "init_state": 1})  # per-episode seeding: episode 0's layout
     np.testing.assert_array_equal(env.sim.model.body_pos, expected[0])
+    assert info["init_state"] == 1 and 0 < info["reset_seconds"] < 60
     env.close()
 
 

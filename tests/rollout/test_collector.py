@@ -340,3 +340,18 @@ def test_pipelined_groups_clamp_to_the_workers_and_keep_videos(pool):
     results, stats, policy = collect(pool, reqs, pipeline_groups=5)  # 2 workers: 2 groups of one
     assert [int(f[0, 0, 0]) for f in results[0].frames] == list(range(6)) and results[1].frames == []
     assert all(r.valid and r.success and r.length == 5 for r in results) and set(policy.batch_sizes) == {1}
+
+
+class TimedPointEnv(PointEnv):
+    """Reports a fixed reset time, as LiberoEnv reports the time its reset took in the worker."""
+
+    def reset(self, *, seed=None, options=None):
+        obs, info = super().reset(seed=seed, options=options)
+        return obs, {**info, "reset_seconds": 0.25}
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_reset_time_reported_by_the_env_is_summed_over_episodes(groups):
+    with EnvPool(partial(TimedPointEnv, goal=5), 2, timeout_s=20) as p:
+        _, stats, _ = collect(p, requests(3), pipeline_groups=groups)
+    assert stats.reset_seconds == pytest.approx(0.75) and stats.as_dict()["reset_seconds"] == pytest.approx(0.75)

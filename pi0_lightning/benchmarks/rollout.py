@@ -17,10 +17,12 @@ LIBERO workers; build + reset of all W envs (timed), the first batched `policy.a
 3 more calls (steady latency); pipelined runs also capture every smaller batch size first, since a group's batch
 shrinks while some of its workers reset. Then the timed part, `RolloutCollector.collect` of W x
 `--episodes-per-worker` episodes (tasks round-robin over the suite, `--max-steps` policy steps, replanning every
-`--replan` steps; lockstep with `sync_horizon`, so that the batch stays W). Reported: env steps/s over the whole
-collect (LIBERO hard resets with their 10 wait steps included) and without the time in which only reset rounds were
-in flight ("resets": lockstep, the waves' resets; pipelined, only what no chunk round overlapped, an approximation),
-the policy's share of the wall time and its time per call (image transforms and tokenisation included). The workers
+`--replan` steps; lockstep with `sync_horizon`, so that the batch stays W; `--reset soft` between episodes, as
+training rollouts reset, or `hard`, as official evaluation). Reported: env steps/s over the whole collect (resets
+with their 10 wait steps included) and without the time in which only reset rounds were in flight ("resets":
+lockstep, the waves' resets; pipelined, only what no chunk round overlapped, an approximation), the share of the
+workers' time spent resetting (as they time it), the policy's share of the wall time and its time per call (image
+transforms and tokenisation included). The workers
 return their camera images upright at the model's input size (`LiberoEnvConfig.image_size`), as training and
 evaluation run them; `--env-images raw` sends the renders as they are (the policy rotates and resizes them).
 
@@ -67,8 +69,8 @@ from pi0_lightning.rollout.types import EpisodeRequest
 
 E2E_COLUMNS = (
     "| workers | groups | episodes | env steps | wall (s) | env steps/s | steps/s w/o resets | policy share "
-    "| policy ms/call (calls) | resets (s) | build + reset (s) | first call = capture (s) | steady call (ms) "
-    "| peak GPU (GiB) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| policy ms/call (calls) | resets (s) | worker time resetting | build + reset (s) | first call = capture (s) "
+    "| steady call (ms) | peak GPU (GiB) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 REACH_COLUMNS = (
     "| workers | groups | episodes | env steps | wall (s) | env steps/s | vs lockstep | policy share "
@@ -172,7 +174,9 @@ def e2e_workers(args: argparse.Namespace, policy, w: int, groups: int = 1) -> di
         for k in range(w * args.episodes_per_worker)
     ]
     image_size = policy.transforms.image_size if args.env_images == "prepared" else None
-    env_cfg = LiberoEnvConfig(suite=args.suite, max_steps=args.max_steps, image_size=image_size)
+    env_cfg = LiberoEnvConfig(
+        suite=args.suite, max_steps=args.max_steps, image_size=image_size, hard_reset=args.reset == "hard"
+    )
     with EnvPool(partial(LiberoEnv, env_cfg), w, env_vars={**render_env_vars(), "OMP_NUM_THREADS": "1"}) as pool:
         t0 = time.perf_counter()
         options = [{"task_id": r.task_id, "init_state": r.init_state} for r in requests[:w]]
@@ -217,6 +221,8 @@ def e2e_workers(args: argparse.Namespace, policy, w: int, groups: int = 1) -> di
         "policy_share": stats.policy_seconds / wall,
         "policy_ms_per_call": 1000 * stats.policy_seconds / max(stats.policy_calls, 1),
         "reset_s": resets[0],
+        "reset": args.reset,
+        "reset_worker_share": stats.reset_seconds / max(w * wall, 1e-9),
         "build_reset_s": build_reset_s,
         "capture_s": calls[0],
         "steady_call_ms": 1000 * float(np.median(calls[1:])),
@@ -229,7 +235,8 @@ def e2e_row(r: dict) -> str:
     return (
         f"| {r['workers']} | {r['groups']} | {r['episodes']}{invalid} | {r['env_steps']} | {r['wall_s']:.1f} "
         f"| {r['steps_per_s']:.1f} | {r['steps_per_s_no_reset']:.1f} | {100 * r['policy_share']:.0f}% "
-        f"| {r['policy_ms_per_call']:.1f} ({r['policy_calls']}) | {r['reset_s']:.1f} | {r['build_reset_s']:.1f} "
+        f"| {r['policy_ms_per_call']:.1f} ({r['policy_calls']}) | {r['reset_s']:.1f} "
+        f"| {100 * r.get('reset_worker_share', 0.0):.0f}% | {r['build_reset_s']:.1f} "
         f"| {r['capture_s']:.1f} | {r['steady_call_ms']:.1f} | {r['peak_gpu_gib']:.1f} |"
     )
 
@@ -448,6 +455,12 @@ def main(argv: list[str] | None = None) -> dict:
         choices=["prepared", "raw"],
         default="prepared",
         help="e2e: workers send images upright at the model's size (as training does) or as rendered",
+    )
+    p.add_argument(
+        "--reset",
+        choices=["soft", "hard"],
+        default="soft",
+        help="e2e: LIBERO reset kind between episodes (soft: as training rollouts; hard: as official evaluation)",
     )
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="compiled blocks (CUDA)")
     p.add_argument("--env-steps", type=int, default=60, help="timed steps per worker and mode (env phase)")

@@ -12,8 +12,9 @@ Arguments after `--` go to every `pi0-lightning fit` as overrides.
 Each mode runs the config as a user would (its sampling, batch, passes, checkpoint callback, CUDA graphs and
 compilation), with these changes: random weights of `--variant` (no checkpoint is needed; speed does not depend on
 the weights), no MLflow logger and no videos, one validation in the last iteration with `--eval-episodes` per task
-at the config's guidance values, the best-checkpoint callback dropped (it needs a validation metric) and the
-per-iteration checkpoint keeping only the newest one (full fine-tuning of PI0 writes ~20 GB per checkpoint). Dynamic
+at the config's guidance values, the best-checkpoint callback dropped (it needs a validation metric), the
+per-iteration checkpoint keeping only the newest one and no `last.ckpt` copy (full fine-tuning of PI0 writes ~20 GB
+per checkpoint), and no safetensors export at the end. Dynamic
 sampling is off: random weights never succeed, so no group would be useful and an iteration would run all its rounds
 to train on nothing; with it off, every collected group trains, as in an iteration whose groups are all useful.
 
@@ -62,8 +63,8 @@ def mode_config(base: dict, mode: str, args: argparse.Namespace, root: Path) -> 
         if name.endswith("ModelCheckpoint"):
             if init.get("monitor", "step") != "step":
                 continue
-            init["save_top_k"] = 1
-        if name.endswith(("RolloutVideoLogger", "RolloutStatsWriter")):
+            init.update(save_top_k=1, save_last=False)
+        if name.endswith(("RolloutVideoLogger", "RolloutStatsWriter", "SafetensorsExport")):
             continue
         callbacks.append({"class_path": name, "init_args": init} if init else {"class_path": name})
     trainer["callbacks"] = [*callbacks, {"class_path": "pi0_lightning.callbacks.RolloutStatsWriter"}]

@@ -22,10 +22,12 @@ def test_mode_config_changes_only_what_the_benchmark_needs(tmp_path):
     assert (trainer["max_epochs"], trainer["check_val_every_n_epoch"], trainer["logger"]) == (3, 3, False)
     assert trainer["default_root_dir"] == str(tmp_path / "lora")
     names = [c["class_path"].rsplit(".", 1)[-1] for c in trainer["callbacks"]]
-    assert names.count("ModelCheckpoint") == 1 and "RolloutVideoLogger" not in names
+    assert (
+        names.count("ModelCheckpoint") == 1 and "RolloutVideoLogger" not in names and "SafetensorsExport" not in names
+    )
     assert names[-1] == "RolloutStatsWriter" and names.count("RolloutStatsWriter") == 1
     kept = next(c for c in trainer["callbacks"] if c["class_path"].endswith("ModelCheckpoint"))["init_args"]
-    assert kept["save_top_k"] == 1 and kept["monitor"] == "step"
+    assert (kept["save_top_k"], kept["save_last"], kept["monitor"]) == (1, False, "step")
     assert (model["checkpoint"], model["variant"], model["trainable"]) == (None, "pi0", "lora")
     assert model["cuda_graphs"] is True and model["optim"] == base["model"]["optim"]  # the rest as configured
     assert data["env"]["num_workers"] == 16 and data["env"]["suite"] == base["data"]["env"]["suite"]

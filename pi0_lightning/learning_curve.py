@@ -26,11 +26,13 @@ def two_proportion_z(s1: float, n1: int, s2: float, n2: int) -> tuple[float, flo
     return z, 0.5 * math.erfc(z / math.sqrt(2))
 
 
-def load(run: Path) -> tuple[list[dict], list[dict]]:
-    def lines(path: Path) -> list[dict]:
-        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines file the run's callbacks append to; none if it does not exist (yet)."""
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
 
-    return lines(run / "rollout_stats.jsonl"), lines(run / "validation.jsonl")
+
+def load(run: Path) -> tuple[list[dict], list[dict]]:
+    return read_jsonl(run / "rollout_stats.jsonl"), read_jsonl(run / "validation.jsonl")
 
 
 def timing_table(rows: list[dict]) -> list[str]:
@@ -95,11 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         for v in validations:
             cells = [f"{st['success_rate']:.3f} ({st['successes']}/{st['episodes']})" for st in v["settings"]]
             print(f"| {v['iterations_trained']} | " + " | ".join(cells) + " |")
-    timing = (
-        [json.loads(x) for x in (args.run / "timing.jsonl").read_text().splitlines() if x.strip()]
-        if (args.run / "timing.jsonl").is_file()
-        else []
-    )
+    timing = read_jsonl(args.run / "timing.jsonl")
     if timing:
         print("\n" + "\n".join(timing_table(timing)))
     if args.before is not None:

@@ -27,7 +27,7 @@ peak GPU memory during the iteration.
 from __future__ import annotations
 
 import argparse
-import json
+import copy
 import os
 import subprocess
 import sys
@@ -37,14 +37,14 @@ from pathlib import Path
 import yaml
 
 from pi0_lightning.benchmarks import write_json
-from pi0_lightning.learning_curve import timing_table
+from pi0_lightning.learning_curve import read_jsonl, timing_table
 
 MODES = ("full", "action_expert", "lora")
 
 
 def mode_config(base: dict, mode: str, args: argparse.Namespace, root: Path) -> dict:
     """The config of one mode's run: `base` with the changes the module docstring lists."""
-    config = json.loads(json.dumps(base))  # a deep copy of plain YAML data
+    config = copy.deepcopy(base)
     trainer, model, data = (
         config.setdefault("trainer", {}),
         config.setdefault("model", {}),
@@ -85,17 +85,12 @@ def run_mode(base: dict, mode: str, args: argparse.Namespace, root: Path) -> dic
     command = [sys.executable, "-m", "pi0_lightning.cli", "fit", "--config", str(path), *args.overrides]
     proc = subprocess.run(command, env=os.environ)
     run = root / mode
-
-    def lines(name: str) -> list[dict]:
-        file = run / name
-        return [json.loads(x) for x in file.read_text().splitlines() if x.strip()] if file.is_file() else []
-
     return {
         "mode": mode,
         "returncode": proc.returncode,
-        "timing": lines("timing.jsonl"),
-        "rollouts": lines("rollout_stats.jsonl"),
-        "validations": lines("validation.jsonl"),
+        "timing": read_jsonl(run / "timing.jsonl"),
+        "rollouts": read_jsonl(run / "rollout_stats.jsonl"),
+        "validations": read_jsonl(run / "validation.jsonl"),
     }
 
 
